@@ -1,0 +1,125 @@
+"""Engine throughput, side by side in one run: this engine's continuous batching,
+transformers' static batched `generate`, and transformers' continuous batching
+(`generate_batch`). N requests, each generating exactly T new tokens (EOS ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .config import EngineConfig
+from .engine import Engine
+from .request import Request
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a hash map works.",
+    "What are the benefits of exercise?",
+    "Describe the water cycle.",
+    "Give me a recipe for pancakes.",
+    "Summarize the plot of Hamlet.",
+    "How do airplanes fly?",
+    "Write a poem about autumn leaves.",
+]
+
+
+class _Null:
+    def send(self, text, final):
+        pass
+
+    def error(self, message):
+        raise RuntimeError(message)
+
+    def is_cancelled(self):
+        return False
+
+
+def bench_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    reqs = [Request(f"b{i}", p, max_tokens=new_tokens, sink=_Null(), ignore_eos=True) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    for r in reqs:
+        engine.add_request(r)
+    engine.run_until_idle()
+    elapsed = time.perf_counter() - start
+    assert all(len(r.output_ids) == new_tokens for r in reqs)
+    return len(reqs) * new_tokens / elapsed
+
+
+def bench_hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - width == new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def bench_hf_generate_batch(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                           pad_token_id=tokenizer.pad_token_id or 0)
+    start = time.perf_counter()
+    outs = model.generate_batch(prompts, generation_config=cfg, progress_bar=False)
+    elapsed = time.perf_counter() - start
+    total = sum(len(o.generated_tokens) for o in outs.values())
+    if total != len(prompts) * new_tokens:
+        raise RuntimeError(f"generate_batch produced {total} tokens, expected {len(prompts) * new_tokens}")
+    return total / elapsed
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ssjf bench-engine", description=__doc__)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
+    ap.add_argument("--skip", default="", help="comma list of baselines to skip: generate,generate_batch")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                          max_batch_size=args.concurrency, max_seq_len=1024)
+    engine = Engine(config)
+    model, tok = engine.runner.model, engine.tokenizer
+    prompts = [engine.encode_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(args.concurrency)]
+    runs = {"ssjf_engine": lambda: bench_engine(engine, prompts, args.new_tokens),
+            "hf_generate_static": lambda: bench_hf_generate(model, tok, prompts, args.new_tokens),
+            "hf_generate_batch": lambda: bench_hf_generate_batch(model, tok, prompts, args.new_tokens)}
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    results = {}
+    for name, fn in runs.items():
+        if name.replace("hf_", "").replace("_static", "") in skip:
+            continue
+        best = max(fn() for _ in range(args.repeats))
+        results[name] = round(best, 1)
+        print(f"{name:22s} {best:8.1f} tokens/s", flush=True)
+    report = {"config": {"model": args.model, "device": args.device, "dtype": str(engine.runner.dtype),
+                         "concurrency": args.concurrency, "new_tokens": args.new_tokens,
+                         "threads": torch.get_num_threads()}, "tokens_per_s": results}
+    if "hf_generate_static" in results:
+        report["engine_vs_generate"] = round(results["ssjf_engine"] / results["hf_generate_static"], 2)
+    if "hf_generate_batch" in results:
+        report["engine_vs_generate_batch"] = round(results["ssjf_engine"] / results["hf_generate_batch"], 2)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Engine configuration: typed, validated once, passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+POLICIES = ("fcfs", "ssjf", "sjf_oracle")
+BATCHING = ("none", "dynamic", "continuous")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"  # "smollm2" (the packaged default) or an HF folder / hub name
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bf16 where the hardware has it), "bfloat16", "float16", "float32"
+    policy: str = "ssjf"
+    batching: str = "continuous"
+    max_batch_size: int = 16  # running requests (KV-cache slots)
+    max_seq_len: int = 2048  # prompt + output tokens per request
+    max_prefill_tokens: int = 4096  # prompt tokens admitted in one step
+    default_max_tokens: int = 512
+    starvation_s: float = 30.0  # aging bound on waiting time; 0 disables the guard
+    chat_template: bool = True  # wrap prompts in the model's chat template
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.starvation_s < 0:
+            raise ValueError("starvation_s must be >= 0")
+        if self.batching == "none":
+            self.max_batch_size = 1
+
+    @classmethod
+    def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None = None) -> "EngineConfig":
+        """Build from Triton's string parameters; SSJF_POLICY / SSJF_BATCHING / SSJF_DEVICE override."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = params.get(f.name)
+            env = environ.get(f"SSJF_{f.name.upper()}")
+            if env:
+                raw = env
+            if raw is None or raw == "":
+                continue
+            if f.type == "bool":
+                values[f.name] = str(raw).lower() in ("1", "true", "yes", "on")
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            elif f.type == "float":
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = str(raw)
+        return cls(**values)

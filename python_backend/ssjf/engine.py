@@ -1,0 +1,240 @@
+"""The engine: one thread that owns the scheduler and the model runner.
+
+Life of a request:
+  1. add_request() validates it and hands it to the engine thread (thread-safe inbox).
+  2. step(): cancelled requests leave; the scheduler admits waiting requests in policy
+     order into free slots; new requests are prefilled (their first token), then every
+     running request decodes one token.
+  3. postprocess: each new token is detokenized incrementally and sent to the request's
+     sink (a delta per step when streaming, the whole text at the end otherwise).
+  4. finished requests are retired; their slot is refilled by the last running request.
+Every request ends with exactly one final send or one error.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .request import Request, RequestStatus
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (the message names the field)."""
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    busy_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic):
+        from .model_runner import ModelRunner
+
+        self.config = config
+        self.clock = clock
+        self.runner = runner if runner is not None else ModelRunner(config)
+        self.tokenizer = self.runner.tokenizer
+        self.max_seq_len = self.runner.max_seq_len
+        self.scheduler = Scheduler(config, clock)
+        self.stats = EngineStats()
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    # ---- requests in ---------------------------------------------------------------
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.config.chat_template and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer.encode(text)
+
+    def check(self, req: Request, max_tokens_given: bool = True) -> None:
+        """Validate lengths against the context; fills in a default max_tokens. Raises RequestError."""
+        room = self.max_seq_len - req.prompt_len
+        if req.prompt_len == 0:
+            raise RequestError("text_input: the prompt is empty")
+        if room < 1:
+            raise RequestError(
+                f"text_input: the prompt has {req.prompt_len} tokens; the context holds {self.max_seq_len}"
+            )
+        if not max_tokens_given:
+            req.max_tokens = min(self.config.default_max_tokens, room)
+        elif req.max_tokens < 1:
+            raise RequestError(f"max_tokens: must be >= 1, got {req.max_tokens}")
+        elif req.max_tokens > room:
+            raise RequestError(
+                f"max_tokens: {req.max_tokens} does not fit: the prompt has {req.prompt_len} tokens "
+                f"and the context holds {self.max_seq_len}"
+            )
+
+    def add_request(self, req: Request) -> None:
+        """Queue a validated request for the engine thread."""
+        with self._wake:
+            self._inbox.append(req)
+            self._wake.notify()
+
+    # ---- the thread ----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ssjf-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                self.step()
+        except BaseException as exc:  # the model reports not-ready through `alive`
+            self.failure = exc
+            log.exception("engine thread died")
+        finally:
+            self._fail_all("server shutting down" if self.failure is None else f"engine failed: {self.failure}")
+
+    def _drain_inbox(self) -> None:
+        with self._wake:
+            new, self._inbox = list(self._inbox), collections.deque()
+        for req in new:
+            self._detok[req.seq] = IncrementalDetokenizer(self.tokenizer)
+            self.scheduler.add(req)
+
+    # ---- one iteration ---------------------------------------------------------------
+    def step(self) -> None:
+        started = time.perf_counter()
+        self._drain_inbox()
+        self._drop_cancelled()
+        admitted = self.scheduler.schedule()
+        try:
+            if admitted:
+                first = admitted[0].slot
+                logits = self.runner.prefill(first, [r.prompt_ids for r in admitted])
+                self.stats.prefill_tokens += sum(r.prompt_len for r in admitted)
+                for req in admitted:
+                    req.num_cached = req.prompt_len
+                self._postprocess(admitted, self.runner.sample(logits, [r.temperature for r in admitted]))
+            running = [r for r in self.scheduler.running if not r.is_done]
+            if running:
+                logits = self.runner.decode([r.output_ids[-1] for r in running], [r.num_cached for r in running])
+                for req in running:
+                    req.num_cached += 1
+                self._postprocess(running, self.runner.sample(logits, [r.temperature for r in running]))
+        except Exception as exc:
+            log.exception("generation step failed")
+            for req in list(self.scheduler.running):
+                self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")
+        for req in [r for r in self.scheduler.running if r.is_done]:
+            self._retire(req)
+        self.stats.steps += 1
+        self.stats.busy_s += time.perf_counter() - started
+
+    def _postprocess(self, reqs: list[Request], tokens: list[int]) -> None:
+        now = self.clock()
+        eos = self.runner.eos_token_ids
+        for req, token in zip(reqs, tokens):
+            if req.is_done:
+                continue
+            req.output_ids.append(token)
+            self.stats.generated_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            delta = self._detok[req.seq].add(token)
+            reason = None
+            if token in eos and not req.ignore_eos:
+                reason = "stop"
+            elif len(req.output_ids) >= req.max_tokens:
+                reason = "length"
+            elif req.num_cached + 1 >= self.max_seq_len:
+                reason = "context"
+            if reason:
+                delta += self._detok[req.seq].flush()
+            req.text += delta
+            try:
+                if reason:
+                    req.finish_reason = reason
+                    self._finish(req, RequestStatus.FINISHED, last_delta=delta)
+                elif req.stream and delta:
+                    req.sink.send(delta, final=False)
+            except Exception as exc:  # the client went away: free the slot, still try the final flag
+                log.info("request %s: send failed (%s); ending it", req.request_id, exc)
+                self._safe_error(req, f"send failed: {exc}")
+
+    def _finish(self, req: Request, status: RequestStatus, error: str | None = None, last_delta: str = "") -> None:
+        """End a request with its one final send: the last streamed piece, the whole text, or an error."""
+        if req.is_done:
+            return
+        req.status = status
+        req.finish_time = self.clock()
+        self.stats.finished += 1
+        if error is not None:
+            req.sink.error(error)
+        else:
+            req.sink.send(last_delta if req.stream else req.text, final=True)
+
+    def _retire(self, req: Request) -> None:
+        move = self.scheduler.retire(req)
+        if move is not None:
+            src, dst = move
+            self.runner.move_slot(src, dst, self.scheduler.running[dst].num_cached)
+        self._detok.pop(req.seq, None)
+
+    def _drop_cancelled(self) -> None:
+        for req in list(self.scheduler.running):
+            if req.sink.is_cancelled():
+                self._finish(req, RequestStatus.ABORTED, "request cancelled")
+                self._retire(req)
+        for req in list(self.scheduler.waiting):
+            if req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
+                self._finish(req, RequestStatus.ABORTED, "request cancelled")
+                self._detok.pop(req.seq, None)
+
+    def _fail_all(self, message: str) -> None:
+        self._drain_inbox()
+        for req in list(self.scheduler.running):
+            self._safe_error(req, message)
+            self.scheduler.retire(req)
+        for req in list(self.scheduler.waiting):
+            self.scheduler.remove_waiting(req)
+            self._safe_error(req, message)
+
+    def _safe_error(self, req: Request, message: str) -> None:
+        try:
+            self._finish(req, RequestStatus.FAILED, message)
+        except Exception:
+            log.exception("could not send the final error for %s", req.request_id)
+
+    # ---- synchronous use (benchmarks, tests) -------------------------------------------
+    def run_until_idle(self) -> None:
+        while self._inbox or self.scheduler.has_work():
+            self.step()

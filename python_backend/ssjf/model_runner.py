@@ -1,0 +1,174 @@
+"""Model runner: owns the weights, the KV cache and the two phases, prefill and decode.
+
+The KV cache is one static tensor per K and V, shaped
+[layers, slots, kv_heads, max_seq_len, head_dim]. Running requests occupy slots
+0..B-1 with no holes (the scheduler moves the last request into a freed slot), so a
+decode step reads the cache through a plain slice and never recomputes a prefix.
+The forward pass drives the Hugging Face modules of a Llama-family model
+(Llama, SmolLM, Mistral, Qwen2/3) directly, layer by layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it fast, else fp32 (CPU) / fp16 (old GPUs)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+    except (AttributeError, RuntimeError):
+        pass
+    return torch.float32
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        from .assets import resolve_llm
+
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.num_threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        if model is None:
+            model, tokenizer = load_model(resolve_llm(config.model), self.device, self.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.dtype = next(model.parameters()).dtype
+        core = model.model
+        self.embed, self.layers, self.norm, self.lm_head = core.embed_tokens, core.layers, core.norm, model.lm_head
+        attn = self.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                raise ValueError(f"{type(model).__name__} is not a Llama-family model (no self_attn.{name})")
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.max_seq_len = min(config.max_seq_len, getattr(cfg, "max_position_embeddings", config.max_seq_len))
+        self.num_slots = config.max_batch_size
+        shape = (len(self.layers), self.num_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        positions = torch.arange(self.max_seq_len, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = core.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_seq_len, head_dim]
+        self.eos_token_ids = self._eos_ids()
+        log.info(
+            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
+            type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
+            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return ids
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv(self, attn, h, batch: int, seq: int):
+        q = attn.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts into slots first_slot.. and return the last position's logits [n, vocab]."""
+        n = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lens.max())
+        ids = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]
+        rows = slice(first_slot, first_slot + n)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), n, width)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i, rows, :, :width] = k
+            self.v_cache[i, rows, :, :width] = v
+            # Right padding: with a causal mask, a real query only sees real keys.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(n, width, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[torch.arange(n, device=self.device), lens - 1]
+        return self.lm_head(self.norm(last)).float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of slots 0..B-1 at its position; returns logits [B, vocab]."""
+        b = len(tokens)
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        span = int(max(positions)) + 1
+        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+        rows = torch.arange(b, device=self.device)
+        x = self.embed(tok)[:, None]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), b, 1)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i][rows, :, pos] = k[:, :, 0]
+            self.v_cache[i][rows, :, pos] = v[:, :, 0]
+            keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
+            # One query per sequence: fold the query heads of a KV group into the "length" axis.
+            out = F.scaled_dot_product_attention(
+                q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
+            )
+            x = x + attn.o_proj(out.reshape(b, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x[:, 0])).float()
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a request's cached K/V from slot src to slot dst."""
+        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    @staticmethod
+    def sample(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
+        """Greedy where temperature is 0, else sampling from softmax(logits / T)."""
+        tokens = logits.argmax(dim=-1)
+        hot = [i for i, t in enumerate(temperatures) if t > 0]
+        if hot:
+            temps = torch.tensor([temperatures[i] for i in hot], device=logits.device)[:, None]
+            probs = torch.softmax(logits[hot] / temps, dim=-1)
+            tokens[hot] = torch.multinomial(probs, 1)[:, 0]
+        return tokens.tolist()

@@ -1,0 +1,164 @@
+"""Scheduling policies: who runs next. Admission (how many fit) lives in scheduler.py.
+
+Every policy is a RequestQueue. Priority policies order by a key defined once
+(`sort_key`); ties go to the earlier arrival. The starvation guard (aging) sits in
+the priority queue: a request that has waited `starvation_s` or longer is served
+before any younger one, oldest first, so no request is passed over for longer
+than the bound plus the time until a batch slot frees.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+from typing import Callable, Iterator
+
+from .request import Request
+
+# Key for a request whose length is unknown (no prediction): a typical chat answer.
+UNKNOWN_LENGTH = 256
+
+
+class RequestQueue:
+    """The waiting queue interface every policy implements."""
+
+    def add(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def peek(self) -> Request:
+        raise NotImplementedError
+
+    def pop(self) -> Request:
+        raise NotImplementedError
+
+    def remove(self, req: Request) -> bool:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Request]:
+        """Waiting requests in the order the policy would serve them now."""
+        raise NotImplementedError
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+class FCFSQueue(RequestQueue):
+    """First come, first served."""
+
+    def __init__(self):
+        self._q: collections.deque[Request] = collections.deque()
+
+    def add(self, req: Request) -> None:
+        self._q.append(req)
+
+    def peek(self) -> Request:
+        if not self._q:
+            raise IndexError("peek from an empty queue")
+        return self._q[0]
+
+    def pop(self) -> Request:
+        if not self._q:
+            raise IndexError("pop from an empty queue")
+        return self._q.popleft()
+
+    def remove(self, req: Request) -> bool:
+        try:
+            self._q.remove(req)
+            return True
+        except ValueError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._q))
+
+
+class PriorityQueue(RequestQueue):
+    """Smallest sort_key first, with the starvation guard over arrival order."""
+
+    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.starvation_s = starvation_s
+        self.clock = clock
+        self._heap: list[tuple[float, int, Request]] = []
+        self._fifo: collections.deque[Request] = collections.deque()
+        self._live: dict[int, Request] = {}  # seq -> request; heap and fifo entries not here are stale
+
+    def sort_key(self, req: Request) -> float:
+        raise NotImplementedError
+
+    def add(self, req: Request) -> None:
+        self._live[req.seq] = req
+        heapq.heappush(self._heap, (self.sort_key(req), req.seq, req))
+        self._fifo.append(req)
+
+    def _oldest(self) -> Request | None:
+        while self._fifo and self._fifo[0].seq not in self._live:
+            self._fifo.popleft()
+        return self._fifo[0] if self._fifo else None
+
+    def _shortest(self) -> Request | None:
+        while self._heap and self._heap[0][1] not in self._live:
+            heapq.heappop(self._heap)
+        return self._heap[0][2] if self._heap else None
+
+    def is_starving(self, req: Request) -> bool:
+        return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
+
+    def peek(self) -> Request:
+        oldest = self._oldest()
+        if oldest is None:
+            raise IndexError("peek from an empty queue")
+        if self.is_starving(oldest):
+            return oldest
+        return self._shortest()
+
+    def pop(self) -> Request:
+        req = self.peek()
+        del self._live[req.seq]
+        return req
+
+    def remove(self, req: Request) -> bool:
+        return self._live.pop(req.seq, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Request]:
+        starving = [r for r in self._live.values() if self.is_starving(r)]
+        starving.sort(key=lambda r: (r.arrival_time, r.seq))
+        rest = [r for r in self._live.values() if not self.is_starving(r)]
+        rest.sort(key=lambda r: (self.sort_key(r), r.seq))
+        return iter(starving + rest)
+
+
+class SSJFQueue(PriorityQueue):
+    """Speculative shortest job first: the proxy's predicted output length."""
+
+    def sort_key(self, req: Request) -> float:
+        return req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
+
+
+class OracleSJFQueue(PriorityQueue):
+    """Shortest job first on the true length (known when ignore_eos fixes it via max_tokens)."""
+
+    def sort_key(self, req: Request) -> float:
+        if req.true_length is not None:
+            return req.true_length
+        return req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
+
+
+def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> RequestQueue:
+    """The waiting queue for a policy name."""
+    if policy == "fcfs":
+        return FCFSQueue()
+    if policy == "ssjf":
+        return SSJFQueue(starvation_s, clock)
+    if policy == "sjf_oracle":
+        return OracleSJFQueue(starvation_s, clock)
+    raise ValueError(f"unknown policy {policy!r}")

@@ -1,0 +1,64 @@
+"""Request state: one dataclass with a status enum."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+_arrivals = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"  # stopped at EOS, max_tokens or the context limit
+    ABORTED = "aborted"  # cancelled by the client
+    FAILED = "failed"  # ended with an error
+
+
+class Sink(Protocol):
+    """Where a request's output goes (a Triton response sender, or a list in tests)."""
+
+    def send(self, text: str, final: bool) -> None: ...
+
+    def error(self, message: str) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sink: Sink | None = None
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    stream: bool = True
+    predicted_length: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    seq: int = field(default_factory=lambda: next(_arrivals))  # arrival order, breaks ties
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1  # KV-cache row while running
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None
+    text: str = ""  # detokenized output so far
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def true_length(self) -> int | None:
+        """The output length when it is fixed in advance (ignore_eos runs to max_tokens)."""
+        return self.max_tokens if self.ignore_eos else None
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
