@@ -1,0 +1,31 @@
+"""`ssjf generate`: send one prompt to the ensemble over gRPC and print tokens as they stream."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .client import SSJFClient
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ssjf generate", description=__doc__)
+    ap.add_argument("prompt")
+    ap.add_argument("--url", default=f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}", help="gRPC host:port")
+    ap.add_argument("--model", default="ssjf", help="ssjf (the ensemble) or llm (direct, no proxy)")
+    ap.add_argument("--max-tokens", type=int)
+    ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--no-stream", action="store_true", help="one response with the whole text")
+    args = ap.parse_args(argv)
+    with SSJFClient(args.url, args.model) as client:
+        result = client.generate(args.prompt, args.max_tokens, args.ignore_eos or None, not args.no_stream,
+                                 args.temperature, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    if not result.ok:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    print(f"[predicted_length={result.predicted_length} ttft={result.ttft_s * 1000:.0f}ms "
+          f"jct={result.jct_s * 1000:.0f}ms chunks={result.chunks}]", file=sys.stderr)
+    return 0

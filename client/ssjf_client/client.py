@@ -1,0 +1,109 @@
+"""Streaming client over Triton gRPC: one prompt in, tokens out as they arrive, with
+the latencies the client observes (TTFT = first token time - send time; JCT = final
+response time - send time)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+@dataclass
+class GenerateResult:
+    text: str = ""
+    predicted_length: int | None = None
+    ttft_s: float | None = None
+    jct_s: float | None = None
+    chunks: int = 0
+    error: str | None = None
+    chunk_times: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def build_inputs(prompt: str, max_tokens: int | None = None, ignore_eos: bool | None = None,
+                 stream: bool = True, temperature: float | None = None, module=grpcclient) -> list:
+    """The ensemble's input tensors (batch dimension 1)."""
+    def tensor(name, value, dtype, triton_type):
+        t = module.InferInput(name, [1, 1], triton_type)
+        t.set_data_from_numpy(np.array([[value]], dtype=dtype))
+        return t
+
+    inputs = [tensor("text_input", prompt.encode("utf-8"), np.object_, "BYTES"),
+              tensor("stream", stream, bool, "BOOL")]
+    if max_tokens is not None:
+        inputs.append(tensor("max_tokens", max_tokens, np.int32, "INT32"))
+    if ignore_eos is not None:
+        inputs.append(tensor("ignore_eos", ignore_eos, bool, "BOOL"))
+    if temperature is not None:
+        inputs.append(tensor("temperature", temperature, np.float32, "FP32"))
+    return inputs
+
+
+class SSJFClient:
+    """One gRPC stream to the server; generate() calls run one after another on it."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "ssjf"):
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+        self._responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self._responses.put((result, error, time.perf_counter())))
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=True)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> "SSJFClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, prompt: str, max_tokens: int | None = None, ignore_eos: bool | None = None,
+                 stream: bool = True, temperature: float | None = None, timeout: float = 600.0,
+                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+        result = GenerateResult()
+        start = time.perf_counter()
+        self.client.async_stream_infer(
+            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature),
+            enable_empty_final_response=True,
+        )
+        deadline = start + timeout
+        while True:
+            try:
+                response, error, at = self._responses.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                result.error = f"no final response within {timeout:.0f}s"
+                return result
+            if error is not None:
+                result.error = error.message() if isinstance(error, InferenceServerException) else str(error)
+                result.jct_s = at - start
+                return result
+            piece = response.as_numpy("text_output")
+            if piece is not None and piece.size:
+                text = piece.reshape(-1)[0].decode("utf-8")
+                if text:
+                    result.chunks += 1
+                    result.chunk_times.append(at - start)
+                    if result.ttft_s is None:
+                        result.ttft_s = at - start
+                    result.text += text
+                    if on_text:
+                        on_text(text)
+                predicted = response.as_numpy("predicted_length")
+                if predicted is not None:
+                    result.predicted_length = int(predicted.reshape(-1)[0])
+            final = response.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                result.jct_s = at - start
+                return result

@@ -1,0 +1,38 @@
+"""Triton glue for the proxy: one encoder pass over every prompt the dynamic batcher grouped."""
+
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from ssjf.proxy import LengthPredictor
+from ssjf.serving import model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        if int(params.get("num_threads", "0")) > 0:
+            torch.set_num_threads(int(params["num_threads"]))
+        self.failed_once = False
+        self.predictor = LengthPredictor(params.get("artifact", "recorded"), params.get("device", "cpu"))
+
+    def execute(self, requests):
+        texts, counts = [], []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
+            texts.extend(r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r) for r in rows)
+            counts.append(len(rows))
+        try:
+            predicted = self.predictor.predict(texts)
+        except Exception as exc:  # 0 means "unknown": the LLM queue serves these with its fallback key
+            if not self.failed_once:
+                pb_utils.Logger.log_error(f"length_predictor failed, falling back: {exc}")
+                self.failed_once = True
+            predicted = np.zeros(len(texts), np.int32)
+        responses, start = [], 0
+        for n in counts:
+            out = pb_utils.Tensor("predicted_length", predicted[start : start + n].reshape(n, 1))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            start += n
+        return responses

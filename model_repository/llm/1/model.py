@@ -1,0 +1,77 @@
+"""Triton glue for the LLM: parse tensors, hand requests to the engine thread, send responses."""
+
+import logging
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ssjf.config import EngineConfig
+from ssjf.engine import Engine, RequestError
+from ssjf.request import Request
+from ssjf.serving import LLM_INPUTS, model_parameters, parse_llm_inputs
+
+
+class TritonSink:
+    """Sends a request's outputs through its decoupled response sender."""
+
+    def __init__(self, request, predicted_length: int):
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.predicted = np.array([[predicted_length]], dtype=np.int32)
+
+    def send(self, text: str, final: bool) -> None:
+        out = [
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("predicted_length", self.predicted),
+        ]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
+
+    def error(self, message: str) -> None:
+        self.sender.send(
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
+
+    def is_cancelled(self) -> bool:
+        return self.request.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config = EngineConfig.from_strings(model_parameters(args))
+        self.engine = Engine(self.config)
+        self.engine.start()
+        logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
+
+    def execute(self, requests):
+        for request in requests:
+            arrays = {}
+            for name in LLM_INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                arrays[name] = None if tensor is None else tensor.as_numpy()
+            sink = None
+            try:
+                inputs = parse_llm_inputs(arrays)
+                sink = TritonSink(request, inputs.predicted_length or 0)
+                if not self.engine.alive:
+                    raise RequestError(f"engine is not running: {self.engine.failure}")
+                req = Request(
+                    request_id=request.request_id() or "",
+                    prompt_ids=self.engine.encode_prompt(inputs.text),
+                    max_tokens=inputs.max_tokens or 0,
+                    sink=sink,
+                    ignore_eos=inputs.ignore_eos,
+                    temperature=inputs.temperature,
+                    stream=inputs.stream,
+                    predicted_length=inputs.predicted_length,
+                )
+                self.engine.check(req, max_tokens_given=inputs.max_tokens is not None)
+                self.engine.add_request(req)
+            except RequestError as exc:
+                (sink or TritonSink(request, 0)).error(str(exc))
+        return None
+
+    def finalize(self):
+        self.engine.stop()

@@ -1,0 +1,60 @@
+"""The `ssjf` console script."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+COMMANDS = {
+    "serve": "run tritonserver in the foreground (ports from HTTP_PORT/GRPC_PORT/METRICS_PORT)",
+    "prepare": "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backend folder)",
+    "generate": "send one prompt over gRPC and stream the answer",
+    "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
+    "train-proxy": "train a length-predictor head from JSON lines",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: ssjf COMMAND [args]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:{width}}  {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        from .server import ServerConfig, serve
+
+        argparse.ArgumentParser(prog="ssjf serve", description=COMMANDS["serve"]).parse_args(rest)
+        prepare()
+        serve(ServerConfig.from_env())
+    elif command == "prepare":
+        argparse.ArgumentParser(prog="ssjf prepare", description=COMMANDS["prepare"]).parse_args(rest)
+        prepare()
+    elif command == "generate":
+        from ssjf_client.cli import main as generate
+
+        return generate(rest)
+    elif command == "bench-engine":
+        from .bench_engine import main as bench
+
+        bench(rest)
+    elif command == "train-proxy":
+        from .train_proxy import main as train
+
+        train(rest)
+    return 0
+
+
+def prepare() -> None:
+    from .assets import minilm_path, smollm2_path
+    from .server import backend_dir
+
+    print(f"llm: {smollm2_path()}\nencoder: {minilm_path()}\ntriton backends: {backend_dir()}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
