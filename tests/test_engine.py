@@ -1,0 +1,198 @@
+"""Engine correctness: continuous batching with requests joining mid-flight gives the same
+greedy tokens as transformers' generate on each prompt alone; streams end with one final."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ListSink
+from ssjf.config import EngineConfig
+from ssjf.engine import Engine, RequestError
+from ssjf.model_runner import ModelRunner
+from ssjf.request import Request, RequestStatus
+
+PROMPTS = ["hello there", "a much longer prompt about the sea, the sky, the wind and more", "x",
+           "What is 2+2?", "tell me a story about a dragon", "ok"]
+
+
+def make_engine(model, tokenizer, **kw):
+    config = EngineConfig(dtype="float32", max_seq_len=256, **{"max_batch_size": 4, **kw})
+    return Engine(config, runner=ModelRunner(config, model=model, tokenizer=tokenizer))
+
+
+def reference(model, prompt_ids, n):
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def requests(engine, stream=True):
+    return [Request(str(i), engine.encode_prompt(p), max_tokens=12 + 3 * i, sink=ListSink(), ignore_eos=True,
+                    stream=stream) for i, p in enumerate(PROMPTS)]
+
+
+def test_continuous_batching_with_joins_matches_generate(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    reqs = requests(engine)
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.add_request(reqs[1])
+    engine.add_request(reqs[2])
+    engine.step()
+    engine.step()
+    for r in reqs[3:]:  # more than the 4 slots: some wait, then join as others leave
+        engine.add_request(r)
+    engine.run_until_idle()
+    for r in reqs:
+        assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens), r.request_id
+        assert r.status is RequestStatus.FINISHED and r.finish_reason == "length"
+        assert r.sink.finals == 1 and not r.sink.errors
+        assert r.sink.text == tokenizer.decode(r.output_ids, skip_special_tokens=True)
+    assert engine.scheduler.running == [] and len(engine.scheduler.waiting) == 0
+
+
+@pytest.mark.parametrize("batching", ["none", "dynamic"])
+def test_other_batching_modes_give_the_same_tokens(tiny_model, tokenizer, batching):
+    engine = make_engine(tiny_model, tokenizer, batching=batching)
+    reqs = requests(engine)
+    for r in reqs:
+        engine.add_request(r)
+    before: set[str] = set()
+    max_running = 0
+    while engine._inbox or engine.scheduler.has_work():
+        engine.step()
+        after = {r.request_id for r in engine.scheduler.running}
+        joined = after - before
+        if batching == "dynamic":  # request-level batches: nobody joins while a batch is still running
+            assert not (joined and (before & after)), (before, after)
+        max_running = max(max_running, len(after))
+        before = after
+    assert max_running == (1 if batching == "none" else 4)
+    for r in reqs:
+        assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens)
+
+
+def test_real_smollm2_matches_generate_in_fp32():
+    config = EngineConfig(dtype="float32", max_batch_size=4, max_seq_len=512)
+    engine = Engine(config)
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three colors."]
+    reqs = [Request(str(i), engine.encode_prompt(p), max_tokens=16, sink=ListSink(), ignore_eos=True)
+            for i, p in enumerate(prompts)]
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.step()
+    engine.add_request(reqs[1])
+    engine.add_request(reqs[2])
+    engine.run_until_idle()
+    for r in reqs:
+        assert r.output_ids == reference(engine.runner.model, r.prompt_ids, 16)
+    assert "Paris" in reqs[0].sink.text
+
+
+def test_non_streaming_gets_exactly_one_response(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    reqs = requests(engine, stream=False)
+    for r in reqs:
+        engine.add_request(r)
+    engine.run_until_idle()
+    for r in reqs:
+        assert len(r.sink.parts) == 1 and r.sink.finals == 1
+        assert r.sink.parts[0] == tokenizer.decode(r.output_ids, skip_special_tokens=True)
+
+
+def test_streaming_sends_pieces_then_final(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    r = requests(engine)[4]
+    engine.add_request(r)
+    engine.run_until_idle()
+    assert len(r.sink.parts) > 1 and r.sink.finals == 1
+
+
+def test_stops_at_eos_unless_ignored(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    probe = Request("p", engine.encode_prompt("hello"), max_tokens=3, sink=ListSink(), ignore_eos=True)
+    engine.add_request(probe)
+    engine.run_until_idle()
+    engine.runner.eos_token_ids = {probe.output_ids[1]}  # make the 2nd greedy token an EOS
+    stops = Request("s", probe.prompt_ids, max_tokens=10, sink=ListSink())
+    runs = Request("r", probe.prompt_ids, max_tokens=10, sink=ListSink(), ignore_eos=True)
+    engine.add_request(stops)
+    engine.add_request(runs)
+    engine.run_until_idle()
+    assert stops.finish_reason == "stop" and len(stops.output_ids) == 2
+    assert runs.finish_reason == "length" and len(runs.output_ids) == 10
+
+
+def test_cancelled_request_frees_its_slot_within_one_step(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=1)
+    a = Request("a", engine.encode_prompt("first"), max_tokens=200, sink=ListSink(), ignore_eos=True)
+    b = Request("b", engine.encode_prompt("second"), max_tokens=5, sink=ListSink(), ignore_eos=True)
+    engine.add_request(a)
+    engine.add_request(b)
+    engine.step()
+    engine.step()
+    a.sink.cancelled = True
+    engine.step()
+    assert a.status is RequestStatus.ABORTED and a.sink.errors == ["request cancelled"] and a.sink.finals == 1
+    assert b.status is RequestStatus.RUNNING
+    engine.run_until_idle()
+    assert b.status is RequestStatus.FINISHED and len(b.output_ids) == 5
+
+
+def test_a_failing_step_ends_requests_with_an_error_and_the_engine_goes_on(tiny_model, tokenizer, monkeypatch):
+    engine = make_engine(tiny_model, tokenizer)
+    a = Request("a", engine.encode_prompt("boom"), max_tokens=5, sink=ListSink(), ignore_eos=True)
+    engine.add_request(a)
+    real = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
+    engine.step()
+    assert a.status is RequestStatus.FAILED and "kaboom" in a.sink.errors[0] and a.sink.finals == 1
+    monkeypatch.setattr(engine.runner, "prefill", real)
+    b = Request("b", engine.encode_prompt("fine"), max_tokens=5, sink=ListSink(), ignore_eos=True)
+    engine.add_request(b)
+    engine.run_until_idle()
+    assert b.status is RequestStatus.FINISHED
+
+
+def test_length_checks(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    r = Request("a", engine.encode_prompt("hi"), max_tokens=0, sink=ListSink())
+    engine.check(r, max_tokens_given=False)
+    assert r.max_tokens == min(engine.config.default_max_tokens, 256 - r.prompt_len)
+    with pytest.raises(RequestError, match="^max_tokens:"):
+        engine.check(Request("b", [1, 2], max_tokens=255, sink=ListSink()))
+    with pytest.raises(RequestError, match="^max_tokens:"):
+        engine.check(Request("c", [1, 2], max_tokens=-1, sink=ListSink()))
+    with pytest.raises(RequestError, match="^text_input:"):
+        engine.check(Request("d", list(range(300)), max_tokens=1, sink=ListSink()))
+
+
+def test_engine_thread_serves_concurrent_adds(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    engine.start()
+    try:
+        reqs = requests(engine)
+        threads = [threading.Thread(target=engine.add_request, args=(r,)) for r in reqs]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while not all(r.is_done for r in reqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(r.status is RequestStatus.FINISHED for r in reqs)
+    finally:
+        engine.stop()
+    assert not engine.alive
+
+
+def test_stop_fails_what_is_still_queued(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    engine.start()
+    r = Request("late", engine.encode_prompt("x"), max_tokens=200, sink=ListSink(), ignore_eos=True)
+    engine.stop()
+    engine._inbox.append(r)
+    engine._fail_all("server shutting down")
+    assert r.sink.errors == ["server shutting down"] and r.sink.finals == 1

@@ -1,0 +1,138 @@
+"""Policy ordering with fake requests: FCFS, SSJF, oracle SJF, ties by arrival, aging."""
+
+import pytest
+
+from ssjf.policy import UNKNOWN_LENGTH, FCFSQueue, OracleSJFQueue, SSJFQueue, make_queue
+from ssjf.request import Request
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def req(rid, predicted=None, max_tokens=100, ignore_eos=False, at=0.0):
+    return Request(rid, [1, 2, 3], max_tokens=max_tokens, predicted_length=predicted, ignore_eos=ignore_eos,
+                   arrival_time=at)
+
+
+def drain(q):
+    out = []
+    while q:
+        out.append(q.pop().request_id)
+    return out
+
+
+def test_fcfs_serves_in_arrival_order():
+    q = FCFSQueue()
+    for r in [req("a", 500), req("b", 5), req("c", 50)]:
+        q.add(r)
+    assert [r.request_id for r in q] == ["a", "b", "c"]
+    assert q.peek().request_id == "a"
+    assert drain(q) == ["a", "b", "c"]
+
+
+def test_ssjf_serves_shortest_predicted_first():
+    q = SSJFQueue()
+    for r in [req("a", 500), req("b", 5), req("c", 50)]:
+        q.add(r)
+    assert [r.request_id for r in q] == ["b", "c", "a"]
+    assert drain(q) == ["b", "c", "a"]
+
+
+def test_ties_go_to_the_earlier_arrival():
+    q = SSJFQueue()
+    for r in [req("first", 10), req("second", 10), req("short", 1), req("third", 10)]:
+        q.add(r)
+    assert drain(q) == ["short", "first", "second", "third"]
+
+
+def test_unknown_prediction_uses_the_fallback_key():
+    q = SSJFQueue()
+    q.add(req("unknown", None))
+    q.add(req("long", UNKNOWN_LENGTH + 1))
+    q.add(req("short", UNKNOWN_LENGTH - 1))
+    assert drain(q) == ["short", "unknown", "long"]
+
+
+def test_oracle_uses_true_length_when_ignore_eos_fixes_it():
+    q = OracleSJFQueue()
+    q.add(req("pred-short-true-long", predicted=1, max_tokens=900, ignore_eos=True))
+    q.add(req("pred-long-true-short", predicted=900, max_tokens=3, ignore_eos=True))
+    q.add(req("natural", predicted=10, max_tokens=900))  # true length unknown: falls back to the prediction
+    assert drain(q) == ["pred-long-true-short", "natural", "pred-short-true-long"]
+
+
+def test_aging_promotes_a_request_that_waited_past_the_bound():
+    clock = Clock()
+    q = SSJFQueue(starvation_s=10.0, clock=clock)
+    q.add(req("long", 1000, at=0.0))
+    clock.now = 5.0
+    for i in range(3):
+        q.add(req(f"short{i}", 1, at=5.0))
+    assert q.pop().request_id == "short0"  # not starving yet: shortest first
+    clock.now = 10.0
+    assert q.peek().request_id == "long"  # waited 10 s: served before younger, shorter jobs
+    assert [r.request_id for r in q] == ["long", "short1", "short2"]
+    assert drain(q) == ["long", "short1", "short2"]
+
+
+def test_aging_serves_starving_requests_oldest_first():
+    clock = Clock()
+    q = SSJFQueue(starvation_s=1.0, clock=clock)
+    q.add(req("old-long", 900, at=0.0))
+    q.add(req("old-short", 1, at=0.5))
+    q.add(req("young", 1, at=9.5))
+    clock.now = 10.0
+    assert drain(q) == ["old-long", "old-short", "young"]
+
+
+def test_aging_off_never_promotes():
+    clock = Clock()
+    q = SSJFQueue(starvation_s=0.0, clock=clock)
+    q.add(req("long", 1000, at=0.0))
+    q.add(req("short", 1, at=0.0))
+    clock.now = 1e9
+    assert drain(q) == ["short", "long"]
+
+
+def test_bounded_wait_under_a_stream_of_short_jobs():
+    """A long job is passed over at most until its wait reaches the bound."""
+    clock = Clock()
+    q = SSJFQueue(starvation_s=3.0, clock=clock)
+    q.add(req("long", 10_000, at=0.0))
+    served_at = None
+    for t in range(20):  # one short arrival and one service per second
+        clock.now = float(t)
+        q.add(req(f"s{t}", 1, at=clock.now))
+        if q.pop().request_id == "long":
+            served_at = clock.now
+            break
+    assert served_at == 3.0
+
+
+@pytest.mark.parametrize("cls", [FCFSQueue, SSJFQueue, OracleSJFQueue])
+def test_remove_and_len(cls):
+    q = cls()
+    a, b, c = req("a", 3), req("b", 2), req("c", 1)
+    for r in (a, b, c):
+        q.add(r)
+    assert len(q) == 3
+    assert q.remove(b) is True
+    assert q.remove(b) is False
+    assert len(q) == 2
+    assert sorted(drain(q)) == ["a", "c"]
+    assert not q
+    with pytest.raises(IndexError):
+        q.pop()
+
+
+def test_factory():
+    assert isinstance(make_queue("fcfs"), FCFSQueue)
+    assert isinstance(make_queue("ssjf"), SSJFQueue)
+    assert isinstance(make_queue("sjf_oracle"), OracleSJFQueue)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_queue("lifo")

@@ -1,0 +1,69 @@
+"""Admission and batching modes, separate from ordering."""
+
+from ssjf.config import EngineConfig
+from ssjf.request import Request, RequestStatus
+from ssjf.scheduler import Scheduler
+
+
+def req(rid, prompt_len=4, predicted=10):
+    return Request(rid, list(range(prompt_len)), max_tokens=8, predicted_length=predicted)
+
+
+def test_continuous_admits_into_free_slots_in_policy_order():
+    s = Scheduler(EngineConfig(policy="ssjf", max_batch_size=2))
+    for r in [req("a", predicted=30), req("b", predicted=10), req("c", predicted=20)]:
+        s.add(r)
+    admitted = s.schedule()
+    assert [r.request_id for r in admitted] == ["b", "c"]
+    assert [r.slot for r in s.running] == [0, 1]
+    assert all(r.status is RequestStatus.RUNNING for r in admitted)
+    assert s.schedule() == []  # full
+    b = s.running[0]
+    assert s.retire(b) == (1, 0)  # c moves from slot 1 into the hole
+    assert s.running[0].request_id == "c" and s.running[0].slot == 0
+    assert [r.request_id for r in s.schedule()] == ["a"]  # joins mid-flight
+    assert s.running[1].slot == 1
+
+
+def test_retiring_the_last_slot_moves_nothing():
+    s = Scheduler(EngineConfig(max_batch_size=4))
+    for r in [req("a"), req("b")]:
+        s.add(r)
+    s.schedule()
+    assert s.retire(s.running[1]) is None
+    assert [r.slot for r in s.running] == [0]
+
+
+def test_dynamic_batching_waits_for_the_batch_to_drain():
+    s = Scheduler(EngineConfig(policy="fcfs", batching="dynamic", max_batch_size=2))
+    for r in [req("a"), req("b"), req("c")]:
+        s.add(r)
+    assert [r.request_id for r in s.schedule()] == ["a", "b"]
+    s.retire(s.running[0])
+    assert s.schedule() == []  # one slot is free, but dynamic batches run to completion
+    s.retire(s.running[0])
+    assert [r.request_id for r in s.schedule()] == ["c"]
+
+
+def test_no_batching_runs_one_at_a_time():
+    config = EngineConfig(batching="none", max_batch_size=8)
+    assert config.max_batch_size == 1
+    s = Scheduler(config)
+    for r in [req("a"), req("b")]:
+        s.add(r)
+    assert len(s.schedule()) == 1
+    assert s.schedule() == []
+
+
+def test_prefill_budget_limits_padded_prompt_tokens_per_step():
+    s = Scheduler(EngineConfig(policy="fcfs", max_batch_size=8, max_prefill_tokens=100))
+    for r in [req("a", 40), req("b", 40), req("c", 40)]:
+        s.add(r)
+    assert [r.request_id for r in s.schedule()] == ["a", "b"]  # 3 x 40 > 100
+    assert [r.request_id for r in s.schedule()] == ["c"]
+
+
+def test_a_single_long_prompt_is_still_admitted():
+    s = Scheduler(EngineConfig(max_batch_size=8, max_prefill_tokens=10))
+    s.add(req("long", 500))
+    assert [r.request_id for r in s.schedule()] == ["long"]
