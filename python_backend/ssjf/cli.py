@@ -11,6 +11,7 @@ COMMANDS = {
     "prepare": "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backend folder)",
     "generate": "send one prompt over gRPC and stream the answer",
     "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
+    "bench-overhead": "Triton round trip minus in-process engine time at concurrency 1",
     "train-proxy": "train a length-predictor head from JSON lines",
 }
 
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
         from .bench_engine import main as bench
 
         bench(rest)
+    elif command == "bench-overhead":
+        from ssjf_client.overhead import main as overhead
+
+        overhead(rest)
     elif command == "train-proxy":
         from .train_proxy import main as train
 
