@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": "send one prompt over gRPC and stream the answer",
     "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
     "bench-overhead": "Triton round trip minus in-process engine time at concurrency 1",
+    "profile": "record the served LLM's own output lengths over a prompt set (resumable)",
     "train-proxy": "train a length-predictor head from JSON lines",
 }
 
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
         from ssjf_client.overhead import main as overhead
 
         overhead(rest)
+    elif command == "profile":
+        from .profile import main as profile
+
+        return profile(rest)
     elif command == "train-proxy":
         from .train_proxy import main as train
 

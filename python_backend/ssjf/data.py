@@ -32,3 +32,8 @@ def load_jsonl(path: str | Path, models: set[str] | None = None) -> Iterator[Row
             if models and row.model not in models:
                 continue
             yield row
+
+
+def load_rows(path: str | Path, models: set[str] | None = None) -> Iterator[Row]:
+    """Rows from a file in any supported format (chosen by content)."""
+    yield from load_jsonl(path, models)
