@@ -60,10 +60,15 @@ def main(argv=None) -> int:
 
 
 def prepare() -> None:
-    from .assets import minilm_path, smollm2_path
-    from .server import backend_dir
+    import importlib.util
 
-    print(f"llm: {smollm2_path()}\nencoder: {minilm_path()}\ntriton backends: {backend_dir()}", flush=True)
+    from .assets import minilm_path, smollm2_path
+
+    print(f"llm: {smollm2_path()}\nencoder: {minilm_path()}", flush=True)
+    if importlib.util.find_spec("pytriton") is not None:  # absent in the official Triton container
+        from .server import backend_dir
+
+        print(f"triton backends: {backend_dir()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class ModelRunner:
         cos, sin = core.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_seq_len, head_dim]
         self.eos_token_ids = self._eos_ids()
+        self.fused = [self._fuse(layer) for layer in self.layers]
         log.info(
             "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
@@ -98,10 +99,42 @@ class ModelRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _qkv(self, attn, h, batch: int, seq: int):
-        q = attn.q_proj(h).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    @staticmethod
+    def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One weight for several projections of the same input; the modules keep views into it."""
+        weight = torch.cat([m.weight.data for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias.data if m.bias is not None else weight.new_zeros(m.out_features) for m in linears])
+        start = 0
+        for m in linears:
+            m.weight.data = weight[start : start + m.out_features]
+            if m.bias is not None:
+                m.bias.data = bias[start : start + m.out_features]
+            start += m.out_features
+        return weight, bias
+
+    def _fuse(self, layer) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        fused = {"qkv": self._fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])}
+        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            fused["gate_up"] = self._fuse_linears([mlp.gate_proj, mlp.up_proj])
+        return fused
+
+    def _mlp(self, i: int, layer, h):
+        gate_up = self.fused[i].get("gate_up")
+        if gate_up is None:
+            return layer.mlp(h)
+        gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+    def _qkv(self, i: int, attn, h, batch: int, seq: int):
+        qkv = F.linear(h, *self.fused[i]["qkv"])
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k, v
@@ -120,14 +153,14 @@ class ModelRunner:
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), n, width)
+            q, k, v = self._qkv(i, attn, layer.input_layernorm(x), n, width)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.k_cache[i, rows, :, :width] = k
             self.v_cache[i, rows, :, :width] = v
             # Right padding: with a causal mask, a real query only sees real keys.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(n, width, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         last = x[torch.arange(n, device=self.device), lens - 1]
         return self.lm_head(self.norm(last)).float()
 
@@ -144,7 +177,7 @@ class ModelRunner:
         x = self.embed(tok)[:, None]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), b, 1)
+            q, k, v = self._qkv(i, attn, layer.input_layernorm(x), b, 1)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.k_cache[i][rows, :, pos] = k[:, :, 0]
             self.v_cache[i][rows, :, pos] = v[:, :, 0]
@@ -154,7 +187,7 @@ class ModelRunner:
                 q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
             )
             x = x + attn.o_proj(out.reshape(b, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[:, 0])).float()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
