@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .metrics import Metrics
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 
@@ -41,7 +42,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic):
+    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic, metrics: Metrics | None = None):
         from .model_runner import ModelRunner
 
         self.config = config
@@ -51,6 +52,7 @@ class Engine:
         self.max_seq_len = self.runner.max_seq_len
         self.scheduler = Scheduler(config, clock)
         self.stats = EngineStats()
+        self.metrics = metrics or Metrics()
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._inbox: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -133,6 +135,7 @@ class Engine:
     # ---- one iteration ---------------------------------------------------------------
     def step(self) -> None:
         started = time.perf_counter()
+        tokens_before = self.stats.generated_tokens
         self._drain_inbox()
         self._drop_cancelled()
         admitted = self.scheduler.schedule()
@@ -156,6 +159,8 @@ class Engine:
                 self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
+        self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running),
+                          self.stats.generated_tokens - tokens_before)
         self.stats.steps += 1
         self.stats.busy_s += time.perf_counter() - started
 
@@ -169,6 +174,7 @@ class Engine:
             self.stats.generated_tokens += 1
             if req.first_token_time is None:
                 req.first_token_time = now
+                self.metrics.first_token(req)
             delta = self._detok[req.seq].add(token)
             reason = None
             if token in eos and not req.ignore_eos:
@@ -197,6 +203,7 @@ class Engine:
         req.status = status
         req.finish_time = self.clock()
         self.stats.finished += 1
+        self.metrics.finished(req)  # before the final send: a client that sees the end sees the metric
         if error is not None:
             req.sink.error(error)
         else:

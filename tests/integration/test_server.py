@@ -164,3 +164,35 @@ def _pred(value):
     t = grpcclient.InferInput("predicted_length", [1, 1], "INT32")
     t.set_data_from_numpy(np.array([[value]], dtype=np.int32))
     return t
+
+
+def _metrics(server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("ssjf_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_move_with_traffic(server):
+    before = _metrics(server)
+    with SSJFClient(server.grpc_url) as client:
+        assert client.generate("Metrics please.", max_tokens=5, ignore_eos=True).ok
+        assert not client.generate("", max_tokens=5).ok  # a rejection
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # metric updates follow the final send
+        after = _metrics(server)
+        if after.get('ssjf_jct_seconds_count{policy="ssjf"}', 0) > before.get('ssjf_jct_seconds_count{policy="ssjf"}', 0):
+            break
+        time.sleep(0.1)
+    key = lambda name: next(k for k in after if k.startswith(name))  # noqa: E731
+    assert after[key("ssjf_generated_tokens_total")] >= before.get(key("ssjf_generated_tokens_total"), 0) + 5
+    assert after['ssjf_ttft_seconds_count{policy="ssjf"}'] > before.get('ssjf_ttft_seconds_count{policy="ssjf"}', 0)
+    assert after['ssjf_length_error_tokens_count{policy="ssjf"}'] >= 1
+    rejected = [k for k in after if k.startswith("ssjf_rejections_total") and 'field="text_input"' in k]
+    assert rejected and after[rejected[0]] >= 1
+    assert any(k.startswith("ssjf_queue_depth") for k in after)
+    assert any(k.startswith("ssjf_running_batch") for k in after)

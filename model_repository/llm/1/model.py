@@ -1,12 +1,14 @@
 """Triton glue for the LLM: parse tensors, hand requests to the engine thread, send responses."""
 
 import logging
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
+from ssjf.metrics import TritonMetrics
 from ssjf.request import Request
 from ssjf.serving import LLM_INPUTS, model_parameters, parse_llm_inputs
 
@@ -41,12 +43,14 @@ class TritonPythonModel:
     def initialize(self, args):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = EngineConfig.from_strings(model_parameters(args))
-        self.engine = Engine(self.config)
+        self.metrics = TritonMetrics(pb_utils, self.config.policy)
+        self.engine = Engine(self.config, metrics=self.metrics)
         self.engine.start()
         logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
 
     def execute(self, requests):
         for request in requests:
+            arrived = time.monotonic()  # server-side latencies start here, tokenization included
             arrays = {}
             for name in LLM_INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -66,10 +70,14 @@ class TritonPythonModel:
                     temperature=inputs.temperature,
                     stream=inputs.stream,
                     predicted_length=inputs.predicted_length,
+                    arrival_time=arrived,
                 )
+                if arrays["predicted_length"] is not None and inputs.predicted_length is None:
+                    self.metrics.proxy_fallback()  # the proxy answered 0: it failed for this prompt
                 self.engine.check(req, max_tokens_given=inputs.max_tokens is not None)
                 self.engine.add_request(req)
             except RequestError as exc:
+                self.metrics.rejected(str(exc).split(":", 1)[0])
                 (sink or TritonSink(request, 0)).error(str(exc))
         return None
 

@@ -1,0 +1,83 @@
+"""Serving metrics: hooks the engine calls, and their Prometheus families in Triton.
+
+`Metrics` records nothing (tests, benchmarks); `TritonMetrics` publishes through
+`pb_utils.MetricFamily` on Triton's /metrics endpoint, every family labelled by policy.
+Server-side times start when execute() receives the request.
+"""
+
+from __future__ import annotations
+
+from .request import Request
+
+TIME_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250]
+ERROR_BUCKETS = [-1024, -512, -256, -128, -64, -32, -16, 0, 16, 32, 64, 128, 256, 512, 1024]
+
+
+class Metrics:
+    """The engine's metric hooks; this base records nothing."""
+
+    def step(self, waiting: int, running: int, new_tokens: int) -> None: ...
+
+    def first_token(self, req: Request) -> None: ...
+
+    def finished(self, req: Request) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+    def proxy_fallback(self) -> None: ...
+
+
+class TritonMetrics(Metrics):
+    def __init__(self, pb_utils, policy: str):
+        mf = pb_utils.MetricFamily
+        labels = {"policy": policy}
+        # the families must stay alive as long as their metrics: keep them on self
+        self.families = {
+            "queue": mf("ssjf_queue_depth", "Requests waiting in the LLM queue", mf.GAUGE),
+            "running": mf("ssjf_running_batch", "Requests in the running batch", mf.GAUGE),
+            "tokens": mf("ssjf_generated_tokens_total", "Output tokens generated", mf.COUNTER),
+            "requests": mf("ssjf_requests_total", "Requests ended, by status", mf.COUNTER),
+            "rejected": mf("ssjf_rejections_total", "Requests rejected before queueing, by field", mf.COUNTER),
+            "fallback": mf("ssjf_proxy_fallbacks_total", "Requests queued without a length prediction", mf.COUNTER),
+            "ttft": mf("ssjf_ttft_seconds", "Server-side time to first token", mf.HISTOGRAM),
+            "jct": mf("ssjf_jct_seconds", "Server-side job completion time", mf.HISTOGRAM),
+            "error": mf("ssjf_length_error_tokens", "Predicted minus actual output length", mf.HISTOGRAM),
+        }
+        f = self.families
+        self.queue = f["queue"].Metric(labels=labels)
+        self.running = f["running"].Metric(labels=labels)
+        self.tokens = f["tokens"].Metric(labels=labels)
+        self.fallbacks = f["fallback"].Metric(labels=labels)
+        self.ttft = f["ttft"].Metric(labels=labels, buckets=TIME_BUCKETS)
+        self.jct = f["jct"].Metric(labels=labels, buckets=TIME_BUCKETS)
+        self.error = f["error"].Metric(labels=labels, buckets=ERROR_BUCKETS)
+        self._policy = policy
+        self._by_label: dict[tuple[str, str], object] = {}
+
+    def _counter(self, family: str, key: str, value: str):
+        metric = self._by_label.get((family, value))
+        if metric is None:
+            metric = self.families[family].Metric(labels={"policy": self._policy, key: value})
+            self._by_label[(family, value)] = metric
+        return metric
+
+    def step(self, waiting: int, running: int, new_tokens: int) -> None:
+        self.queue.set(waiting)
+        self.running.set(running)
+        if new_tokens:
+            self.tokens.increment(new_tokens)
+
+    def first_token(self, req: Request) -> None:
+        self.ttft.observe(req.first_token_time - req.arrival_time)
+
+    def finished(self, req: Request) -> None:
+        self._counter("requests", "status", req.status.value).increment(1)
+        self.jct.observe(req.finish_time - req.arrival_time)
+        if req.predicted_length is not None and req.finish_reason in ("stop", "length"):
+            self.error.observe(req.predicted_length - len(req.output_ids))
+
+    def rejected(self, reason: str) -> None:
+        self._counter("rejected", "field", reason).increment(1)
+
+    def proxy_fallback(self) -> None:
+        self.fallbacks.increment(1)
