@@ -13,7 +13,8 @@ COMMANDS = {
     "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
     "bench-overhead": "Triton round trip minus in-process engine time at concurrency 1",
     "profile": "record the served LLM's own output lengths over a prompt set (resumable)",
-    "train-proxy": "train a length-predictor head from JSON lines",
+    "train-proxy": "train a length-predictor artifact from prompt/response rows",
+    "eval-proxy": "Kendall tau, Spearman, MAE, bucket accuracy and latency of a proxy artifact",
 }
 
 
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
         from .train_proxy import main as train
 
         train(rest)
+    elif command == "eval-proxy":
+        from .eval_proxy import main as evaluate
+
+        evaluate(rest)
     return 0
 
 

@@ -1,11 +1,22 @@
-"""Loaders for prompt/response data. One loader per format; each yields Row."""
+"""Loaders for prompt/response data: one loader per format, each yielding Row.
+
+Formats (chosen by content, so users point `--data` at their own files):
+  - rows:     JSON lines with `prompt` and `response` (or `length`), optional `model`, `id`
+              (this project's schema, and what `ssjf profile` writes);
+  - ShareGPT: records with `conversations: [{from, value}, ...]` (JSON lines or one JSON array);
+              every human turn followed by a gpt turn becomes a row;
+  - LMSYS-Chat: records with `conversation: [{role, content}, ...]` and optional `model`;
+              every user turn followed by an assistant turn becomes a row;
+  - `hf:NAME[:SPLIT]`: a Hugging Face dataset by name (needs `datasets` and network), whose
+              records are in any of the formats above.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @dataclass
@@ -17,23 +28,72 @@ class Row:
     id: str = ""
 
 
-def load_jsonl(path: str | Path, models: set[str] | None = None) -> Iterator[Row]:
-    """JSON lines with `prompt` and `response` (or `length`); optional `model`, `id`."""
+def _records(path: str | Path) -> Iterator[dict]:
+    """JSON objects from a JSON-lines file or a file holding one JSON array."""
     with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            yield from json.load(f)
+            return
         for n, line in enumerate(f, 1):
             line = line.strip()
-            if not line:
-                continue
-            obj = json.loads(line)
-            if "prompt" not in obj:
-                raise ValueError(f"{path}:{n}: no 'prompt' field")
-            row = Row(prompt=obj["prompt"], response=obj.get("response"), length=obj.get("length"),
-                      model=obj.get("model", ""), id=str(obj.get("id", n)))
-            if models and row.model not in models:
-                continue
-            yield row
+            if line:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
 
 
-def load_rows(path: str | Path, models: set[str] | None = None) -> Iterator[Row]:
-    """Rows from a file in any supported format (chosen by content)."""
-    yield from load_jsonl(path, models)
+def rows_from_record(obj: dict, n: int) -> list[Row]:
+    """Rows of one record in any supported format."""
+    rid = str(obj.get("id", obj.get("conversation_id", n)))
+    if "prompt" in obj:
+        return [Row(prompt=obj["prompt"], response=obj.get("response"), length=obj.get("length"),
+                    model=obj.get("model", ""), id=rid)]
+    if "conversations" in obj:  # ShareGPT
+        turns = [(t.get("from", ""), t.get("value", "")) for t in obj["conversations"]]
+        return _pairs(turns, {"human", "user"}, {"gpt", "chatgpt", "assistant", "bard", "bing"},
+                      obj.get("model", "chatgpt"), rid)
+    if "conversation" in obj:  # LMSYS-Chat
+        turns = [(t.get("role", ""), t.get("content", "")) for t in obj["conversation"]]
+        return _pairs(turns, {"user"}, {"assistant"}, obj.get("model", ""), rid)
+    raise ValueError(f"record {n}: no 'prompt', 'conversations' (ShareGPT) or 'conversation' (LMSYS-Chat)")
+
+
+def _pairs(turns: list[tuple[str, str]], user: set[str], bot: set[str], model: str, rid: str) -> list[Row]:
+    rows = []
+    for i in range(len(turns) - 1):
+        (who, text), (next_who, answer) = turns[i], turns[i + 1]
+        if who.lower() in user and next_who.lower() in bot and text.strip():
+            rows.append(Row(prompt=text, response=answer, model=model, id=f"{rid}#{len(rows)}"))
+    return rows
+
+
+def load_records(records: Iterable[dict], models: set[str] | None = None) -> Iterator[Row]:
+    for n, obj in enumerate(records, 1):
+        for row in rows_from_record(obj, n):
+            if not models or row.model in models:
+                yield row
+
+
+def load_rows(spec: str | Path, models: set[str] | None = None) -> Iterator[Row]:
+    """Rows from a file (any format above) or `hf:NAME[:SPLIT]`."""
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        _, name, *split = spec.split(":")
+        try:
+            import datasets
+        except ImportError:
+            raise RuntimeError("hf: data needs the `datasets` package (pip install datasets)") from None
+        yield from load_records(datasets.load_dataset(name, split=split[0] if split else "train"), models)
+        return
+    yield from load_records(_records(spec), models)
+
+
+def parse_data_spec(spec: str) -> tuple[str, set[str] | None]:
+    """`path[@model,model]`: a file, optionally keeping only rows answered by these models."""
+    path, sep, models = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    return path, set(models.split(",")) if sep and models else None

@@ -1,22 +1,30 @@
 """The proxy model: a sentence encoder and a small head that predicts output length.
 
+Features = [mean-pooled, L2-normalised encoder embedding, log(1 + prompt tokens),
+one-hot of the answering model (when the artifact conditions on it)]. The head is a
+small MLP run in numpy. Whatever the training objective (regression on log length,
+classification over length buckets, pairwise ranking), the head ends in one number per
+prompt, a predicted log length, so serving is the same for all of them.
+
 An artifact is one .npz file: the head's arrays plus `meta`, a JSON string naming the
-encoder, the tokenizer lengths were counted with, the data and the metrics.
+encoder (and how many of its layers), the tokenizer lengths were counted with, the
+target model, the data and the test metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .assets import resolve_encoder
+from .assets import cache_dir, resolve_encoder
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
-DEFAULT_ARTIFACT = "recorded"
+DEFAULT_ARTIFACT = "smollm2"
 
 
 def resolve_artifact(name: str) -> Path:
@@ -31,76 +39,152 @@ def resolve_artifact(name: str) -> Path:
 
 
 class Encoder:
-    """Mean-pooled, L2-normalised sentence embeddings from any HF encoder."""
+    """Mean-pooled, L2-normalised sentence embeddings from any HF encoder (optionally its first k layers)."""
 
-    def __init__(self, name: str = "minilm", device: str = "cpu", max_length: int = 256):
+    def __init__(self, name: str = "minilm", device: str = "cpu", max_length: int = 256, layers: int = 0,
+                 dtype: str = "float32"):
         from transformers import AutoModel, AutoTokenizer
 
+        self.name, self.max_length, self.layers, self.dtype_name = name, max_length, layers, dtype
         path = resolve_encoder(name)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        self.max_length = max_length
+        self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        if layers:
+            stack = self._layer_stack()
+            if layers > len(stack):
+                raise ValueError(f"{name} has {len(stack)} layers; asked for {layers}")
+            del stack[layers:]
+
+    def _layer_stack(self) -> torch.nn.ModuleList:
+        for path in ("encoder.layer", "layers", "transformer.layer", "layer"):
+            obj = self.model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.nn.ModuleList):
+                return obj
+        raise ValueError(f"cannot find the layer stack of {type(self.model).__name__} to truncate")
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}|{self.layers}|{self.max_length}|{self.dtype_name}"
+
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embeddings (with grad when training) and untruncated prompt lengths; one tokenization."""
+        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        extra = self.tokenizer.num_special_tokens_to_add()
+        lens = torch.tensor([max(0, len(x) - extra) for x in ids], dtype=torch.float32)
+        ids = [x if len(x) <= self.max_length else x[: self.max_length - 1] + x[-1:] for x in ids]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1), lens
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings [n, dim] and prompt lengths in encoder tokens [n] (untruncated count capped at 8k)."""
+        """Embeddings [n, dim] and prompt lengths in encoder tokens [n]."""
         embs, lens = [], []
+        order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            embs.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-            lens.extend(min(len(ids), 8192) for ids in self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
-        return np.concatenate(embs), np.asarray(lens, dtype=np.float32)
+            idx = order[i : i + batch_size]
+            e, n = self.forward([texts[j] for j in idx])
+            embs.append(e.cpu().numpy())
+            lens.append(n.numpy())
+        emb, ln = np.concatenate(embs), np.concatenate(lens)
+        out_e, out_l = np.empty_like(emb), np.empty_like(ln)
+        out_e[order], out_l[order] = emb, ln
+        return out_e, out_l
+
+    def encode_cached(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """encode() with an on-disk cache keyed by encoder settings and prompt text."""
+        path = cache_dir() / "embeddings" / (hashlib.sha1(self.key.encode()).hexdigest()[:16] + ".npz")
+        known: dict[str, tuple[np.ndarray, float]] = {}
+        if path.exists():
+            with np.load(path) as d:
+                known = {h: (e, n) for h, e, n in zip(d["hashes"], d["emb"], d["lens"])}
+        hashes = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        missing = sorted({h: t for h, t in zip(hashes, texts) if h not in known}.items())
+        if missing:
+            emb, lens = self.encode([t for _, t in missing])
+            known.update({h: (e, n) for (h, _), e, n in zip(missing, emb, lens)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+            np.savez(tmp, hashes=np.array(list(known)), emb=np.stack([v[0] for v in known.values()]),
+                     lens=np.array([v[1] for v in known.values()], dtype=np.float32))
+            tmp.rename(path)
+        return np.stack([known[h][0] for h in hashes]), np.array([known[h][1] for h in hashes], dtype=np.float32)
 
 
-def features(emb: np.ndarray, prompt_lens: np.ndarray) -> np.ndarray:
-    return np.hstack([emb, np.log1p(prompt_lens)[:, None]]).astype(np.float32)
+def features(emb: np.ndarray, prompt_lens: np.ndarray, model_ids: np.ndarray | None = None,
+             num_models: int = 0) -> np.ndarray:
+    parts = [emb, np.log1p(prompt_lens)[:, None]]
+    if num_models:
+        onehot = np.zeros((len(emb), num_models), dtype=np.float32)
+        onehot[np.arange(len(emb)), model_ids] = 1.0
+        parts.append(onehot)
+    return np.hstack(parts).astype(np.float32)
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """Ridge regression on standardised features; returns (w, b, mean, std)."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    z = (x - mean) / std
-    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
-    return w.astype(np.float32), float(y.mean()), mean.astype(np.float32), std.astype(np.float32)
+class Head:
+    """An MLP (numpy inference) mapping standardised features to a predicted log length."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.mean, self.std = arrays["mean"], arrays["std"]
+        self.weights = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(int(arrays["num_layers"]))]
+        self.centers = arrays.get("centers")  # classification: log length of each bucket
+        self.calib = arrays.get("calib")  # ranking: log length = a * score + b
+
+    def predict_log(self, x: np.ndarray) -> np.ndarray:
+        h = (x - self.mean) / self.std
+        for i, (w, b) in enumerate(self.weights):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                h = np.maximum(h, 0.0)
+        if self.centers is not None:
+            p = np.exp(h - h.max(1, keepdims=True))
+            return (p / p.sum(1, keepdims=True)) @ self.centers
+        h = h[:, 0]
+        if self.calib is not None:
+            h = self.calib[0] * h + self.calib[1]
+        return h
 
 
 class LengthPredictor:
-    """prompt -> predicted output length in tokens (of the served model's tokenizer)."""
+    """prompt -> predicted output length in tokens of the target model's tokenizer."""
 
     def __init__(self, artifact: str = DEFAULT_ARTIFACT, device: str = "cpu", encoder: Encoder | None = None):
-        path = resolve_artifact(artifact)
-        with np.load(path, allow_pickle=False) as data:
-            self.meta = json.loads(str(data["meta"]))
-            self.w, self.b = data["w"], float(data["b"])
-            self.mean, self.std = data["mean"], data["std"]
-        self.encoder = encoder or Encoder(self.meta["encoder"], device, self.meta.get("max_length", 256))
-        self.max_length_tokens = int(self.meta.get("max_prediction", 8192))
+        self.path = resolve_artifact(artifact)
+        with np.load(self.path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        self.meta = json.loads(str(arrays.pop("meta")))
+        self.head = Head(arrays)
+        enc = self.meta["encoder"]
+        self.encoder = encoder or Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"])
+        self.models: list[str] = self.meta.get("models", [])
+        self.target_model = self.meta.get("target_model", "")
+        self.max_prediction = int(self.meta.get("max_prediction", 8192))
 
-    def predict_log(self, texts: list[str]) -> np.ndarray:
-        emb, lens = self.encoder.encode(texts)
-        return ((features(emb, lens) - self.mean) / self.std) @ self.w + self.b
+    def _model_ids(self, n: int, models: list[str] | None) -> np.ndarray | None:
+        if not self.models:
+            return None
+        index = {m: i for i, m in enumerate(self.models)}
+        default = index.get(self.target_model, 0)
+        return np.array([index.get(m, default) for m in (models or [self.target_model] * n)])
 
-    def predict(self, texts: list[str]) -> np.ndarray:
+    def predict_log(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
+        emb, lens = (self.encoder.encode_cached if cached else self.encoder.encode)(texts)
+        return self.head.predict_log(features(emb, lens, self._model_ids(len(texts), models), len(self.models)))
+
+    def predict(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
         """Predicted lengths (int32, >= 1)."""
-        pred = np.expm1(self.predict_log(texts))
-        return np.clip(np.rint(pred), 1, self.max_length_tokens).astype(np.int32)
-
-    def latency_ms(self, text: str, repeats: int = 20) -> float:
-        self.predict([text])
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            self.predict([text])
-            times.append((time.perf_counter() - t) * 1000)
-        return float(np.median(times))
+        pred = np.expm1(self.predict_log(texts, models, cached))
+        return np.clip(np.rint(pred), 1, self.max_prediction).astype(np.int32)
 
 
-def save_artifact(path: Path, w, b, mean, std, meta: dict) -> None:
+def save_artifact(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, w=w, b=np.float32(b), mean=mean, std=std, meta=np.asarray(json.dumps(meta)))
+    np.savez_compressed(path, meta=np.asarray(json.dumps(meta)), **arrays)

@@ -1,5 +1,7 @@
 """Triton glue for the proxy: one encoder pass over every prompt the dynamic batcher grouped."""
 
+import os
+
 
 import numpy as np
 import torch
@@ -15,7 +17,9 @@ class TritonPythonModel:
         if int(params.get("num_threads", "0")) > 0:
             torch.set_num_threads(int(params["num_threads"]))
         self.failed_once = False
-        self.predictor = LengthPredictor(params.get("artifact", "recorded"), params.get("device", "cpu"))
+        # SSJF_PROXY_ARTIFACT overrides the config (trace replay serves the `recorded` artifact)
+        artifact = os.environ.get("SSJF_PROXY_ARTIFACT") or params.get("artifact", "smollm2")
+        self.predictor = LengthPredictor(artifact, params.get("device", "cpu"))
 
     def execute(self, requests):
         texts, counts = [], []

@@ -1,0 +1,68 @@
+"""The proxy pipeline on a small synthetic set: split by prompt, train each objective, save, load, evaluate."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from ssjf.eval_proxy import in_test_split, proxy_metrics
+from ssjf.proxy import LengthPredictor
+from ssjf.train_proxy import main as train
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Prompts whose answer length follows the task: one-word answers vs long essays, two answering models."""
+    rng = random.Random(0)
+    topics = ["rivers", "cats", "the moon", "bread", "trains", "music", "chess", "volcanoes", "tea", "bees",
+              "glass", "maps", "snow", "clocks", "salt", "ships", "paper", "wind", "gold", "ants"]
+    rows = []
+    for t in topics:
+        for kind, n in (("Answer yes or no: is {} blue?", 2), ("Name one fact about {}.", 12),
+                        ("Write a detailed essay about the history of {}.", 180)):
+            prompt = kind.format(t)
+            for model, scale in (("terse", 1), ("verbose", 2)):
+                rows.append({"prompt": prompt, "response": " ".join(["word"] * (n * scale + rng.randrange(3))),
+                             "model": model})
+    path = tmp_path_factory.mktemp("proxy") / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_split_is_by_prompt():
+    prompts = [f"p{i % 37}" for i in range(500)]
+    sides = {}
+    for p in prompts:
+        sides.setdefault(p, set()).add(in_test_split(p, 0.3))
+    assert all(len(s) == 1 for s in sides.values())
+    assert 0.1 < np.mean([in_test_split(f"q{i}", 0.3) for i in range(2000)]) < 0.5
+
+
+def test_metrics():
+    m = proxy_metrics(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40]), [15, 25, 35])
+    assert m["kendall_tau"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+    assert m["bucket_accuracy"] == 0.25 and m["mae_tokens"] == pytest.approx(22.5)  # only 1 -> bucket 0 matches 10
+    assert proxy_metrics(np.array([5, 5, 5]), np.array([1, 2, 3]), [2])["kendall_tau"] == 0.0
+
+
+@pytest.mark.parametrize("objective", ["regression", "classification", "ranking"])
+def test_train_save_load_predict(synthetic, tmp_path, objective):
+    out = tmp_path / f"{objective}.npz"
+    results = train(["--data", str(synthetic), "--name", str(out), "--objective", objective, "--encoder-layers", "1",
+                     "--condition-on-model", "--target-model", "verbose", "--test-fraction", "0.3", "--epochs", "80"])
+    assert results[objective]["kendall_tau"] > 0.5, results
+    p = LengthPredictor(str(out))
+    assert p.meta["objective"] == objective and p.meta["encoder"]["layers"] == 1
+    short, long = p.predict(["Answer yes or no: is jazz blue?", "Write a detailed essay about the history of jazz."])
+    assert 1 <= short < long
+    terse, verbose = p.predict(["Write a detailed essay about the history of jazz."] * 2, models=["terse", "verbose"])
+    assert terse < verbose  # conditioning on the answering model
+
+
+def test_shipped_artifacts_load_and_carry_metadata():
+    for name in ("recorded", "smollm2"):
+        p = LengthPredictor(name)
+        for key in ("objective", "encoder", "tokenizer", "target_model", "bucket_edges", "test_metrics", "data"):
+            assert key in p.meta, (name, key)
+        assert p.predict(["Write a long story about a dragon."])[0] >= 1
