@@ -11,6 +11,7 @@ COMMANDS = {
     "prepare": "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backend folder)",
     "generate": "send one prompt over gRPC and stream the answer",
     "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
+    "bench": "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy",
     "bench-overhead": "Triton round trip minus in-process engine time at concurrency 1",
     "profile": "record the served LLM's own output lengths over a prompt set (resumable)",
     "train-proxy": "train a length-predictor artifact from prompt/response rows",
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
         return generate(rest)
     elif command == "bench-engine":
         from .bench_engine import main as bench
+
+        bench(rest)
+    elif command == "bench":
+        from ssjf_client.bench import main as bench
 
         bench(rest)
     elif command == "bench-overhead":

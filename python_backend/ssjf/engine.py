@@ -57,6 +57,7 @@ class Engine:
         self._inbox: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._next_waiting_scan = 0.0
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
@@ -137,12 +138,14 @@ class Engine:
         started = time.perf_counter()
         tokens_before = self.stats.generated_tokens
         self._drain_inbox()
-        self._drop_cancelled()
-        admitted = self.scheduler.schedule()
+        self._drop_cancelled_waiting()
+        self._drop_cancelled(self.scheduler.running)  # frees slots before admission
+        self.scheduler.schedule()
+        self._drop_cancelled([r for r in self.scheduler.running if r.num_cached == 0])  # never prefill those
+        admitted = [r for r in self.scheduler.running if r.num_cached == 0]
         try:
             if admitted:
-                first = admitted[0].slot
-                logits = self.runner.prefill(first, [r.prompt_ids for r in admitted])
+                logits = self.runner.prefill([r.slot for r in admitted], [r.prompt_ids for r in admitted])
                 self.stats.prefill_tokens += sum(r.prompt_len for r in admitted)
                 for req in admitted:
                     req.num_cached = req.prompt_len
@@ -216,11 +219,19 @@ class Engine:
             self.runner.move_slot(src, dst, self.scheduler.running[dst].num_cached)
         self._detok.pop(req.seq, None)
 
-    def _drop_cancelled(self) -> None:
-        for req in list(self.scheduler.running):
+    def _drop_cancelled(self, running: list[Request]) -> None:
+        """Every step: a cancelled running request leaves its slot now."""
+        for req in list(running):
             if req.sink.is_cancelled():
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
                 self._retire(req)
+
+    def _drop_cancelled_waiting(self, interval_s: float = 1.0) -> None:
+        """About once a second: each check is an IPC round trip in Triton, and the queue can be long."""
+        now = self.clock()
+        if now < self._next_waiting_scan:
+            return
+        self._next_waiting_scan = now + interval_s
         for req in list(self.scheduler.waiting):
             if req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")

@@ -78,9 +78,9 @@ class ModelRunner:
         self.eos_token_ids = self._eos_ids()
         self.fused = [self._fuse(layer) for layer in self.layers]
         log.info(
-            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
+            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB), %d torch threads",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
-            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20, torch.get_num_threads(),
         )
 
     def _eos_ids(self) -> set[int]:
@@ -140,8 +140,8 @@ class ModelRunner:
         return q, k, v
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts into slots first_slot.. and return the last position's logits [n, vocab]."""
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts into their cache slots and return the last position's logits [n, vocab]."""
         n = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lens.max())
@@ -149,7 +149,7 @@ class ModelRunner:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]
-        rows = slice(first_slot, first_slot + n)
+        rows = torch.tensor(slots, device=self.device)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -62,6 +63,11 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
+    def on_free_ports(cls, **kw) -> "ServerConfig":
+        http, grpc, metrics = free_ports(3)
+        return cls(http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)
+
+    @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServerConfig":
         environ = os.environ if environ is None else environ
         return cls(
@@ -86,6 +92,19 @@ class ServerConfig:
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that are free on host right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def is_ready(http_url: str, timeout: float = 1.0) -> bool:

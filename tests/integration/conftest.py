@@ -1,24 +1,11 @@
 """A real tritonserver for the session, on free loopback ports, over the project's model repository."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from ssjf.server import ServerConfig, TritonServer
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def pytest_collection_modifyitems(items):
@@ -29,11 +16,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    http, grpc, metrics = free_ports(3)
     log = Path(tmp_path_factory.mktemp("triton")) / "tritonserver.log"
     # the tests rely on these engine settings, whatever the caller's environment says
     env = dict(os.environ, SSJF_POLICY="ssjf", SSJF_BATCHING="continuous", SSJF_MAX_BATCH_SIZE="16")
-    srv = TritonServer(ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics), env=env, log_path=log)
+    srv = TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log)
     srv.start(timeout=240)
     yield srv
     srv.stop()

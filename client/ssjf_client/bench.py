@@ -1,0 +1,325 @@
+"""`ssjf bench`: SSJF against FCFS and oracle SJF on the same arrivals, through the real server.
+
+For each batching mode and arrival rate, every policy gets a fresh tritonserver and the
+same replay: the same prompts, sent open-loop at the same arrival times over one gRPC
+stream. Trace replay (default): each request's `max_tokens` = length-scale x its recorded
+response's token count (the served model's tokenizer), with `ignore_eos`, so the model does
+real work of the recorded length; the proxy (`recorded` artifact) predicts that length from
+the prompt, and oracle SJF knows it. Natural workload: generation stops at EOS (`smollm2`
+artifact; the oracle then has no true length and falls back to the prediction).
+
+Metrics (client-side, per request): JCT = final response - arrival; TTFT = first token -
+arrival; normalized latency = JCT / output tokens. Throughput = completed requests (and
+output tokens) per second from the first arrival to the last completion. The paper's
+"throughput" (jobs finished by the time 25% of jobs are done, over that time) is reported
+separately as `paper_throughput_25pct_rps`. Utilization: the fraction of the run with at
+least one request in the system, and the time-averaged number in the system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from .client import build_inputs
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: str
+    max_tokens: int | None
+    arrival: float  # seconds from the start of the replay
+    sent: float | None = None
+    first: float | None = None
+    done: float | None = None
+    error: str | None = None
+    chunks: int = 0
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+# ---- workloads and arrivals ---------------------------------------------------------------
+def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bool, max_prompt_tokens: int,
+                  max_seq_len: int) -> list[tuple[str, int | None, int]]:
+    """(prompt, max_tokens or None, recorded length) for n rows sampled from data."""
+    from transformers import AutoTokenizer
+
+    from ssjf.assets import resolve_llm
+    from ssjf.data import load_rows, parse_data_spec
+
+    path, models = parse_data_spec(data)
+    rows = [r for r in load_rows(path, models) if r.response or r.length]
+    tok = AutoTokenizer.from_pretrained(resolve_llm("smollm2"))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(rows)):
+        r = rows[i]
+        prompt_tokens = len(tok.encode(r.prompt, add_special_tokens=False)) + 32  # + the chat template
+        length = r.length or max(1, len(tok.encode(r.response, add_special_tokens=False)))
+        max_tokens = max(1, round(length * length_scale))
+        if prompt_tokens > max_prompt_tokens or prompt_tokens + max_tokens > max_seq_len:
+            continue
+        out.append((r.prompt, None if natural else max_tokens, length))
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} usable rows in {data}")
+    return out
+
+
+def arrival_times(kind: str, n: int, rate: float, seed: int, cv: float = 2.0, trace: str | None = None,
+                  trace_offset: int = 0) -> np.ndarray:
+    """Arrival times (seconds from 0) with mean rate `rate`."""
+    rng = np.random.default_rng(seed)
+    if kind == "poisson":
+        gaps = rng.exponential(1.0 / rate, n - 1)
+    elif kind == "gamma":
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), n - 1)
+    elif kind == "azure":
+        stamps = []
+        with open(trace) as f:
+            for row in csv.DictReader(f):
+                stamps.append(datetime.datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp())
+        stamps = np.array(sorted(stamps))[trace_offset : trace_offset + n]
+        if len(stamps) < n:
+            raise SystemExit(f"the trace has fewer than {n} arrivals after offset {trace_offset}")
+        gaps = np.diff(stamps)
+        gaps = gaps * (1.0 / rate) / gaps.mean()  # time-scaled to the asked mean rate, burstiness kept
+    else:
+        raise ValueError(f"unknown arrivals {kind!r}")
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+# ---- one replay against one server ------------------------------------------------------------
+def replay(grpc_url: str, jobs: list[Job], ignore_eos: bool, timeout: float) -> None:
+    by_id = {str(j.index): j for j in jobs}
+    client = grpcclient.InferenceServerClient(grpc_url)
+
+    def on_response(result, error):
+        now = time.perf_counter()
+        if error is not None:
+            rid = getattr(error, "request_id", None)
+            job = by_id.get(rid() if callable(rid) else rid or "")
+            if job is None:  # the error does not say which request: attribute it to the oldest open job
+                job = next((j for j in jobs if j.sent is not None and not j.finished.is_set()), None)
+            if job is not None:
+                job.error, job.done = str(error), now
+                job.finished.set()
+            return
+        resp = result.get_response()
+        job = by_id[resp.id]
+        text = result.as_numpy("text_output")
+        if text is not None and text.size and text.reshape(-1)[0]:
+            job.chunks += 1
+            if job.first is None:
+                job.first = now
+        final = resp.parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            job.done = now
+            job.finished.set()
+
+    client.start_stream(callback=on_response)
+    start = time.perf_counter()
+    for job in jobs:
+        delay = start + job.arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        job.sent = time.perf_counter()
+        client.async_stream_infer("ssjf", build_inputs(job.prompt, job.max_tokens, ignore_eos or None),
+                                  request_id=str(job.index), enable_empty_final_response=True)
+    deadline = time.perf_counter() + timeout
+    for job in jobs:
+        if not job.finished.wait(max(0.0, deadline - time.perf_counter())):
+            job.error = "no final response before the timeout"
+    client.stop_stream()
+    client.close()
+    for job in jobs:  # times relative to the replay start
+        for name in ("sent", "first", "done"):
+            value = getattr(job, name)
+            setattr(job, name, None if value is None else value - start)
+
+
+def summarize(jobs: list[Job], lengths: list[int]) -> dict:
+    ok = [(j, n) for j, n in zip(jobs, lengths) if j.error is None and j.done is not None]
+    if not ok:
+        return {"completed": 0, "failed": len(jobs)}
+    jct = np.array([j.done - j.arrival for j, _ in ok])
+    ttft = np.array([(j.first if j.first is not None else j.done) - j.arrival for j, _ in ok])
+    tokens = np.array([n for _, n in ok], dtype=float)
+    first_arrival = min(j.arrival for j in jobs)
+    end = max(j.done for j, _ in ok)
+    done_sorted = np.sort([j.done for j, _ in ok])
+    k = max(1, int(0.25 * len(jobs)))
+    # utilization: in the system = [arrival, done]
+    events = sorted([(j.arrival, 1) for j, _ in ok] + [(j.done, -1) for j, _ in ok])
+    busy, area, level, last = 0.0, 0.0, 0, first_arrival
+    for t, d in events:
+        if level > 0:
+            busy += t - last
+        area += level * (t - last)
+        level, last = level + d, t
+    span = end - first_arrival
+    pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
+    return {
+        "completed": len(ok), "failed": len(jobs) - len(ok),
+        "mean_jct_s": float(jct.mean()), "p50_jct_s": pct(jct, 50), "p90_jct_s": pct(jct, 90),
+        "p99_jct_s": pct(jct, 99), "max_jct_s": float(jct.max()),
+        "mean_ttft_s": float(ttft.mean()), "p50_ttft_s": pct(ttft, 50), "p99_ttft_s": pct(ttft, 99),
+        "mean_norm_latency_s_per_tok": float((jct / tokens).mean()),
+        "p90_norm_latency_s_per_tok": pct(jct / tokens, 90),
+        "throughput_rps": len(ok) / span, "throughput_tok_s": float(tokens.sum()) / span,
+        "paper_throughput_25pct_rps": k / (done_sorted[k - 1] - first_arrival) if len(done_sorted) >= k else None,
+        "busy_fraction": busy / span, "mean_in_system": area / span, "duration_s": span,
+    }
+
+
+def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> tuple[dict, list[Job]]:
+    from ssjf.server import ServerConfig, TritonServer
+
+    jobs = [Job(i, p, mt, float(t)) for i, ((p, mt, _), t) in enumerate(zip(jobs_spec, times))]
+    env = dict(os.environ, SSJF_POLICY=policy, SSJF_BATCHING=batching,
+               SSJF_MAX_BATCH_SIZE=str(args.max_batch_size), SSJF_PROXY_ARTIFACT=args.artifact,
+               SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_SEQ_LEN=str(args.max_seq_len))
+    log = Path(args.out).with_suffix(f".{batching}.{policy}.log") if args.out else None
+    if args.url:
+        replay(args.url, jobs, not args.natural, args.timeout)
+    else:
+        with TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log) as server:
+            warm = [Job(-1 - i, "Hello!", 4, 0.0) for i in range(2)]
+            for w in warm:
+                replay(server.grpc_url, [w], True, 60)
+            replay(server.grpc_url, jobs, not args.natural, args.timeout)
+    out_lengths = [j.chunks if args.natural else n for j, n in zip(jobs, lengths)]
+    return summarize(jobs, out_lengths), jobs
+
+
+def markdown(report: dict) -> str:
+    cols = ["mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_ttft_s", "p99_ttft_s", "mean_norm_latency_s_per_tok",
+            "throughput_rps", "throughput_tok_s", "busy_fraction", "completed", "failed"]
+    lines = []
+    for run in report["runs"]:
+        lines.append(f"\n### batching={run['batching']}, rate={run['rate']} req/s "
+                     f"({report['config']['arrivals']} arrivals, {report['config']['num_requests']} requests)\n")
+        lines.append("| policy | " + " | ".join(cols) + " | JCT vs FCFS |")
+        lines.append("|---" * (len(cols) + 2) + "|")
+        base = run["policies"].get("fcfs", {}).get("mean_jct_s")
+        for name, m in run["policies"].items():
+            cells = [f"{m[c]:.3f}" if isinstance(m.get(c), float) else str(m.get(c)) for c in cols]
+            ratio = f"{m['mean_jct_s'] / base:.2f}x" if base and m.get("mean_jct_s") else "-"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for batching in sorted({r["batching"] for r in report["runs"]}):
+        runs = [r for r in report["runs"] if r["batching"] == batching]
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        last = runs[-1]
+        for policy, jobs in all_jobs[(batching, last["rate"])].items():
+            jct = np.sort([j.done - j.arrival for j in jobs if j.error is None and j.done is not None])
+            ax[0].plot(jct, np.arange(1, len(jct) + 1) / len(jct), label=policy)
+        ax[0].set(title=f"JCT CDF, rate {last['rate']}/s", xlabel="JCT (s)", ylabel="fraction")
+        for policy in last["policies"]:
+            rates = [r["rate"] for r in runs]
+            ax[1].plot(rates, [r["policies"][policy].get("mean_jct_s") for r in runs], "o-", label=f"{policy} mean")
+            ax[1].plot(rates, [r["policies"][policy].get("p99_jct_s") for r in runs], "x--", label=f"{policy} p99")
+            ax[2].plot(rates, [r["policies"][policy].get("mean_ttft_s") for r in runs], "o-", label=policy)
+        ax[1].set(title="JCT vs arrival rate", xlabel="req/s", ylabel="s")
+        ax[2].set(title="mean TTFT vs arrival rate", xlabel="req/s", ylabel="s")
+        for a in ax:
+            a.legend(fontsize=7)
+        fig.suptitle(f"batching = {batching}")
+        fig.tight_layout()
+        path = out_dir / f"bench_{batching}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ssjf bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="rows with prompt and response (any supported format)")
+    ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
+    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")
+    ap.add_argument("--rates", help="comma list of rates: a load sweep (overrides --rate)")
+    ap.add_argument("--batching", default="continuous", help="comma list of none,dynamic,continuous")
+    ap.add_argument("--arrivals", choices=["poisson", "gamma", "azure"], default="poisson")
+    ap.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
+    ap.add_argument("--azure-trace", help="Azure LLM inference trace CSV (TIMESTAMP column)")
+    ap.add_argument("--trace-offset", type=int, default=0)
+    ap.add_argument("--length-scale", type=float, default=1.0, help="max_tokens = scale x recorded length")
+    ap.add_argument("--natural", action="store_true", help="stop at EOS instead of replaying recorded lengths")
+    ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="server's running-batch cap (continuous/dynamic)")
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
+    ap.add_argument("--starvation-s", type=float, default=30.0, help="the server's aging bound")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
+    ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
+    ap.add_argument("--plots", help="folder for PNG plots (JCT CDF, JCT and TTFT against rate)")
+    ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
+    args = ap.parse_args(argv)
+    args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
+
+    spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
+                         args.max_prompt_tokens, args.max_seq_len)
+    lengths = [mt if mt is not None else n for _, mt, n in spec]
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
+    policies = [p.strip() for p in args.policies.split(",")]
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "plots")}
+    config["mean_max_tokens"] = float(np.mean(lengths))
+    report = {"config": config, "metrics": __doc__.split("Metrics", 1)[1].strip(), "runs": []}
+    all_jobs = {}
+    for batching in [b.strip() for b in args.batching.split(",")]:
+        for rate in rates:
+            times = arrival_times(args.arrivals, args.num_requests, rate, args.seed, args.cv, args.azure_trace,
+                                  args.trace_offset)
+            run = {"batching": batching, "rate": rate, "policies": {}}
+            all_jobs[(batching, rate)] = {}
+            for policy in policies:
+                t0 = time.time()
+                metrics, jobs = run_policy(policy, args, spec, times, lengths, batching)
+                run["policies"][policy] = metrics
+                all_jobs[(batching, rate)][policy] = jobs
+                print(f"[{batching} rate={rate}] {policy:10s} mean JCT {metrics.get('mean_jct_s', float('nan')):7.2f}s "
+                      f"p99 {metrics.get('p99_jct_s', float('nan')):7.2f}s TTFT {metrics.get('mean_ttft_s', float('nan')):6.2f}s "
+                      f"busy {metrics.get('busy_fraction', 0):.2f} failed {metrics['failed']} ({time.time() - t0:.0f}s)",
+                      flush=True)
+            report["runs"].append(run)
+            with open(args.out, "w") as f:  # written after every run: a long sweep keeps what it has
+                json.dump({**report, "policies": report["runs"][0]["policies"]}, f, indent=2)
+    report["policies"] = report["runs"][0]["policies"]  # the contract's shape, for the first run
+    if args.plots:
+        report["plots"] = plot(report, all_jobs, Path(args.plots))
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    Path(args.out).with_suffix(".md").write_text(md)
+    print(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()

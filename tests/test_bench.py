@@ -1,0 +1,53 @@
+"""Benchmark harness pieces: arrival processes and the metrics, on synthetic data."""
+
+import numpy as np
+import pytest
+
+from ssjf_client.bench import Job, arrival_times, markdown, summarize
+
+
+def test_poisson_and_gamma_arrivals_have_the_asked_rate_and_variability():
+    p = arrival_times("poisson", 20000, rate=4.0, seed=1)
+    gaps = np.diff(p)
+    assert p[0] == 0 and np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)
+    g = np.diff(arrival_times("gamma", 20000, rate=4.0, seed=1, cv=3.0))
+    assert g.mean() == pytest.approx(0.25, rel=0.1) and g.std() / g.mean() == pytest.approx(3.0, rel=0.1)
+    assert np.array_equal(arrival_times("poisson", 50, 2.0, seed=7), arrival_times("poisson", 50, 2.0, seed=7))
+
+
+def test_azure_trace_is_time_scaled_to_the_rate(tmp_path):
+    trace = tmp_path / "trace.csv"
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i, gap in enumerate([0.0, 1.0, 3.0, 0.5, 0.5, 5.0, 1.0]):
+        lines.append(f"2023-11-16 18:15:{10 + int(sum([0.0, 1.0, 3.0, 0.5, 0.5, 5.0, 1.0][:i + 1])):02d}.0000000,10,10")
+    trace.write_text("\n".join(lines) + "\n")
+    t = arrival_times("azure", 5, rate=2.0, seed=0, trace=str(trace))
+    assert len(t) == 5 and t[0] == 0
+    assert np.diff(t).mean() == pytest.approx(0.5)  # mean gap 1 / rate, burstiness kept
+    with pytest.raises(SystemExit):
+        arrival_times("azure", 50, rate=2.0, seed=0, trace=str(trace))
+
+
+def test_summary_metrics():
+    jobs = [Job(0, "a", 4, arrival=0.0, first=0.5, done=1.0), Job(1, "b", 8, arrival=1.0, first=2.0, done=5.0),
+            Job(2, "c", 2, arrival=2.0, first=2.5, done=3.0), Job(3, "d", 2, arrival=3.0, error="boom", done=3.1)]
+    m = summarize(jobs, [4, 8, 2, 2])
+    assert (m["completed"], m["failed"]) == (3, 1)
+    assert m["mean_jct_s"] == pytest.approx((1 + 4 + 1) / 3)
+    assert m["mean_ttft_s"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["mean_norm_latency_s_per_tok"] == pytest.approx((1 / 4 + 4 / 8 + 1 / 2) / 3)
+    assert m["throughput_rps"] == pytest.approx(3 / 5) and m["throughput_tok_s"] == pytest.approx(14 / 5)
+    assert m["busy_fraction"] == pytest.approx(1.0)  # someone was in the system from 0 to 5
+    assert m["mean_in_system"] == pytest.approx((1 + 4 + 1) / 5)
+    assert m["paper_throughput_25pct_rps"] == pytest.approx(1 / 1.0)  # 25% of 4 jobs = 1, done at t=1
+
+
+def test_markdown_table_compares_to_fcfs():
+    report = {"config": {"arrivals": "poisson", "num_requests": 2},
+              "runs": [{"batching": "continuous", "rate": 1.0,
+                        "policies": {"fcfs": {"mean_jct_s": 2.0, "completed": 2, "failed": 0},
+                                     "ssjf": {"mean_jct_s": 1.0, "completed": 2, "failed": 0}}}]}
+    md = markdown(report)
+    assert "| ssjf |" in md and "0.50x" in md
