@@ -12,7 +12,7 @@ def test_from_strings_reads_parameters_and_env_overrides():
 
 
 @pytest.mark.parametrize("bad", [{"policy": "lifo"}, {"batching": "huge"}, {"max_batch_size": 0},
-                                 {"dtype": "int3"}, {"starvation_s": -1}])
+                                 {"dtype": "int3"}, {"starvation_s": -1}, {"max_passes": -1}])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValueError):
         EngineConfig(**bad)

@@ -136,3 +136,23 @@ def test_factory():
     assert isinstance(make_queue("sjf_oracle"), OracleSJFQueue)
     with pytest.raises(ValueError, match="unknown policy"):
         make_queue("lifo")
+
+
+def test_pass_bound_promotes_a_request_passed_over_by_k_later_arrivals():
+    q = SSJFQueue(max_passes=3)
+    q.add(req("long", 10_000))
+    served = []
+    for i in range(6):  # a short job arrives and one job is served, again and again
+        q.add(req(f"s{i}", 1))
+        served.append(q.pop().request_id)
+    assert served == ["s0", "s1", "s2", "long", "s3", "s4"]  # passed over 3 times, then served
+
+
+def test_pass_bound_counts_only_later_arrivals():
+    q = SSJFQueue(max_passes=1)
+    first, second = req("first", 50), req("second", 10)
+    q.add(first)
+    q.add(second)
+    assert q.pop().request_id == "second"  # passes "first" once
+    q.add(req("third", 1))
+    assert q.pop().request_id == "first"  # now starving: served before the shorter "third"

@@ -190,7 +190,8 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     jobs = [Job(i, p, mt, float(t)) for i, ((p, mt, _), t) in enumerate(zip(jobs_spec, times))]
     env = dict(os.environ, SSJF_POLICY=policy, SSJF_BATCHING=batching,
                SSJF_MAX_BATCH_SIZE=str(args.max_batch_size), SSJF_PROXY_ARTIFACT=args.artifact,
-               SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_SEQ_LEN=str(args.max_seq_len))
+               SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_PASSES=str(args.max_passes),
+               SSJF_MAX_SEQ_LEN=str(args.max_seq_len))
     log = Path(args.out).with_suffix(f".{batching}.{policy}.log") if args.out else None
     if args.url:
         replay(args.url, jobs, not args.natural, args.timeout)
@@ -274,7 +275,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-size", type=int, default=8, help="server's running-batch cap (continuous/dynamic)")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
-    ap.add_argument("--starvation-s", type=float, default=30.0, help="the server's aging bound")
+    ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
+    ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on later arrivals served first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")

@@ -14,7 +14,6 @@ noise of CPU generation from the difference.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import urllib.request
@@ -22,6 +21,7 @@ import urllib.request
 import tritonclient.grpc as grpcclient
 
 from .client import SSJFClient
+from ssjf.report import emit
 
 PROMPT = "What is the capital of France?"
 _JCT = re.compile(r'^ssjf_jct_seconds_(sum|count)\{[^}]*\} (\S+)$', re.M)
@@ -89,11 +89,7 @@ def main(argv=None) -> dict:
                 "ensemble_ms": measure(ens, stats_client, metrics_url, args.requests, args.max_tokens, True),
                 "llm_direct_ms": measure(llm, stats_client, metrics_url, args.requests, args.max_tokens, False),
             }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ transformers' static batched `generate`, and transformers' continuous batching
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from .config import EngineConfig
 from .engine import Engine
 from .request import Request
+from .report import emit
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -114,11 +114,7 @@ def main(argv=None) -> dict:
         report["engine_vs_generate"] = round(results["ssjf_engine"] / results["hf_generate_static"], 2)
     if "hf_generate_batch" in results:
         report["engine_vs_generate_batch"] = round(results["ssjf_engine"] / results["hf_generate_batch"], 2)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

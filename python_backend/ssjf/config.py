@@ -20,7 +20,8 @@ class EngineConfig:
     max_seq_len: int = 2048  # prompt + output tokens per request
     max_prefill_tokens: int = 4096  # prompt tokens admitted in one step
     default_max_tokens: int = 512
-    starvation_s: float = 30.0  # aging bound on waiting time; 0 disables the guard
+    starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
+    max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it; 0 disables
     chat_template: bool = True  # wrap prompts in the model's chat template
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -31,6 +32,8 @@ class EngineConfig:
             raise ValueError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.max_passes < 0:
+            raise ValueError("max_passes must be >= 0")
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

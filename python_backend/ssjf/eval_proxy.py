@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 
 import numpy as np
 from scipy import stats
 
 from .data import load_rows, parse_data_spec
+from .report import emit
 
 
 def in_test_split(prompt: str, fraction: float, seed: int = 0) -> bool:
@@ -101,11 +101,7 @@ def main(argv=None) -> dict:
         "prompt_length": proxy_metrics(plen, true, edges),
     }
     report["artifact"] = {"name": args.artifact, "objective": meta.get("objective"), "encoder": meta["encoder"]}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

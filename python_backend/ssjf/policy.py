@@ -2,9 +2,10 @@
 
 Every policy is a RequestQueue. Priority policies order by a key defined once
 (`sort_key`); ties go to the earlier arrival. The starvation guard (aging) sits in
-the priority queue: a request that has waited `starvation_s` or longer is served
-before any younger one, oldest first, so no request is passed over for longer
-than the bound plus the time until a batch slot frees.
+the priority queue. A request is *starving* once it has waited `starvation_s` or been
+passed over by `max_passes` later arrivals; starving requests are served before all
+others, oldest first. The pass bound is scale-free: a request waits at most for the
+requests ahead of it plus `max_passes` jobs, whatever the load or the hardware speed.
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ class FCFSQueue(RequestQueue):
 class PriorityQueue(RequestQueue):
     """Smallest sort_key first, with the starvation guard over arrival order."""
 
-    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0):
         self.starvation_s = starvation_s
+        self.max_passes = max_passes
         self.clock = clock
+        self._passes: dict[int, int] = {}  # seq -> later arrivals served ahead of it
         self._heap: list[tuple[float, int, Request]] = []
         self._fifo: collections.deque[Request] = collections.deque()
         self._live: dict[int, Request] = {}  # seq -> request; heap and fifo entries not here are stale
@@ -108,6 +111,8 @@ class PriorityQueue(RequestQueue):
         return self._heap[0][2] if self._heap else None
 
     def is_starving(self, req: Request) -> bool:
+        if self.max_passes > 0 and self._passes.get(req.seq, 0) >= self.max_passes:
+            return True
         return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
 
     def peek(self) -> Request:
@@ -121,9 +126,15 @@ class PriorityQueue(RequestQueue):
     def pop(self) -> Request:
         req = self.peek()
         del self._live[req.seq]
+        self._passes.pop(req.seq, None)
+        if self.max_passes > 0:
+            for seq in self._live:  # everyone who arrived earlier was passed over once more
+                if seq < req.seq:
+                    self._passes[seq] = self._passes.get(seq, 0) + 1
         return req
 
     def remove(self, req: Request) -> bool:
+        self._passes.pop(req.seq, None)
         return self._live.pop(req.seq, None) is not None
 
     def __len__(self) -> int:
@@ -153,12 +164,13 @@ class OracleSJFQueue(PriorityQueue):
         return req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
 
 
-def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> RequestQueue:
+def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+               max_passes: int = 0) -> RequestQueue:
     """The waiting queue for a policy name."""
     if policy == "fcfs":
         return FCFSQueue()
     if policy == "ssjf":
-        return SSJFQueue(starvation_s, clock)
+        return SSJFQueue(starvation_s, clock, max_passes)
     if policy == "sjf_oracle":
-        return OracleSJFQueue(starvation_s, clock)
+        return OracleSJFQueue(starvation_s, clock, max_passes)
     raise ValueError(f"unknown policy {policy!r}")
