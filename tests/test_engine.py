@@ -196,3 +196,15 @@ def test_stop_fails_what_is_still_queued(tiny_model, tokenizer):
     engine._inbox.append(r)
     engine._fail_all("server shutting down")
     assert r.sink.errors == ["server shutting down"] and r.sink.finals == 1
+
+
+def test_a_full_waiting_queue_rejects_new_requests(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_waiting=3)
+    for i in range(3):
+        r = Request(str(i), [1, 2], max_tokens=4, sink=ListSink())
+        engine.check(r)
+        engine.add_request(r)
+    with pytest.raises(RequestError, match="^queue full"):
+        engine.check(Request("x", [1, 2], max_tokens=4, sink=ListSink()))
+    engine.run_until_idle()
+    engine.check(Request("y", [1, 2], max_tokens=4, sink=ListSink()))  # room again once they ran

@@ -21,6 +21,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens admitted in one step
     default_max_tokens: int = 512
     starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
+    max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
     max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it; 0 disables
     chat_template: bool = True  # wrap prompts in the model's chat template
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -32,6 +33,8 @@ class EngineConfig:
             raise ValueError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
         if self.max_passes < 0:
             raise ValueError("max_passes must be >= 0")
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):

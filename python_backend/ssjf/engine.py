@@ -72,6 +72,9 @@ class Engine:
 
     def check(self, req: Request, max_tokens_given: bool = True) -> None:
         """Validate lengths against the context; fills in a default max_tokens. Raises RequestError."""
+        waiting = len(self._inbox) + len(self.scheduler.waiting)
+        if waiting >= self.config.max_waiting:
+            raise RequestError(f"queue full: {waiting} requests are waiting (max_waiting={self.config.max_waiting})")
         room = self.max_seq_len - req.prompt_len
         if req.prompt_len == 0:
             raise RequestError("text_input: the prompt is empty")

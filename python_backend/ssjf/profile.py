@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     model_name = os.path.basename(os.path.normpath(engine.runner.model.name_or_path)) or args.model
     pending = iter(enumerate(prompts))
     active: list[Request] = []
+    texts: dict[str, str] = {}  # request id -> prompt text
     skipped = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc="profile")
     start = time.time()
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                     skipped += 1
                     bar.update(1)
                     continue
-                req.text_prompt = prompt
+                texts[req.request_id] = prompt
                 engine.add_request(req)
                 active.append(req)
             if not active:
@@ -96,9 +97,10 @@ def main(argv=None) -> int:
             for req in [r for r in active if r.is_done]:
                 active.remove(req)
                 bar.update(1)
+                prompt = texts.pop(req.request_id)
                 if req.finish_reason is None:
                     continue
-                out.write(json.dumps({"id": req.request_id, "prompt": req.text_prompt, "response": req.text,
+                out.write(json.dumps({"id": req.request_id, "prompt": prompt, "response": req.text,
                                       "length": len(req.output_ids), "finish_reason": req.finish_reason,
                                       "model": model_name}, ensure_ascii=False) + "\n")
                 out.flush()

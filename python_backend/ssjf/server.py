@@ -6,6 +6,7 @@ over this project's model repository, bound to loopback, ports from the environm
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from .assets import _package_dir, cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RESTRICTED = "model-repository,shared-memory,trace,logging"  # the admin APIs
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
@@ -60,6 +62,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     model_repository: Path = MODEL_REPOSITORY
     log_verbose: int = 0
+    # Admin APIs answer only requests carrying the header `ssjf-admin-key: <key>`; with no key
+    # configured a random one is drawn, which locks them for everyone.
+    admin_key: str = field(default_factory=lambda: os.environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16))
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -87,6 +92,8 @@ class ServerConfig:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=none",
+            f"--http-restricted-api={RESTRICTED}:ssjf-admin-key={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED}:ssjf-admin-key={self.admin_key}",
             "--exit-timeout-secs=5",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",

@@ -196,3 +196,16 @@ def test_metrics_move_with_traffic(server):
     assert rejected and after[rejected[0]] >= 1
     assert any(k.startswith("ssjf_queue_depth") for k in after)
     assert any(k.startswith("ssjf_running_batch") for k in after)
+
+
+def test_admin_apis_need_the_key_and_inference_does_not(server):
+    url = f"{server.http_url}/v2/repository/index"
+    try:
+        post(url, {})
+        raise AssertionError("the model-repository API answered without the admin key")
+    except urllib.error.HTTPError as exc:
+        assert exc.code in (401, 403)
+    req = urllib.request.Request(url, data=b"{}", headers={"ssjf-admin-key": server.config.admin_key})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert {m["name"] for m in json.loads(resp.read())} >= {"ssjf", "llm", "length_predictor"}
+    assert is_ready(server.http_url)

@@ -1,0 +1,38 @@
+"""docker-compose.yml cannot run here (no Docker engine): check what a GPU box relies on."""
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+
+
+def test_triton_service_runs_the_official_2_51_image_on_a_gpu():
+    triton = COMPOSE["services"]["triton"]
+    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    devices = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert triton["environment"]["SSJF_DEVICE"] == "cuda"
+    command = " ".join(triton["command"])
+    assert "--model-repository=/workspace/model_repository" in command and "--model-control-mode=none" in command
+
+
+def test_ports_are_published_on_loopback_only():
+    ports = COMPOSE["services"]["triton"]["ports"]
+    assert sorted(ports) == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"]
+
+
+def test_healthcheck_is_readiness_and_locust_waits_for_it():
+    health = COMPOSE["services"]["triton"]["healthcheck"]
+    assert any("/v2/health/ready" in part for part in health["test"])
+    locust = COMPOSE["services"]["locust"]
+    assert locust["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert "loadtest/locustfile.py" in " ".join(locust["command"]) and "triton:8001" in " ".join(locust["command"])
+
+
+def test_admin_apis_are_restricted_with_a_key_from_the_environment():
+    triton = COMPOSE["services"]["triton"]
+    command = " ".join(triton["command"])
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
+    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
+    assert triton["environment"]["SSJF_ADMIN_KEY"].startswith("${SSJF_ADMIN_KEY:?")
