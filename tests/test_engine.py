@@ -208,3 +208,32 @@ def test_a_full_waiting_queue_rejects_new_requests(tiny_model, tokenizer):
         engine.check(Request("x", [1, 2], max_tokens=4, sink=ListSink()))
     engine.run_until_idle()
     engine.check(Request("y", [1, 2], max_tokens=4, sink=ListSink()))  # room again once they ran
+
+
+class GoneSink(ListSink):
+    """A client that disconnected: every send raises, and it reports cancellation."""
+
+    def send(self, text, final):
+        raise RuntimeError("stream closed")
+
+    def error(self, message):
+        raise RuntimeError("stream closed")
+
+    def is_cancelled(self):
+        return True
+
+
+def test_a_vanished_client_never_kills_the_engine(tiny_model, tokenizer, monkeypatch):
+    engine = make_engine(tiny_model, tokenizer)
+    gone = Request("gone", engine.encode_prompt("bye"), max_tokens=50, sink=GoneSink(), ignore_eos=True)
+    ok = Request("ok", engine.encode_prompt("hi"), max_tokens=5, sink=ListSink(), ignore_eos=True)
+    engine.add_request(gone)
+    engine.add_request(ok)
+    engine.run_until_idle()  # cancellation, then the final error to a closed stream: must not raise
+    assert gone.status is RequestStatus.ABORTED and ok.status is RequestStatus.FINISHED
+    boom = Request("boom", engine.encode_prompt("x"), max_tokens=5, sink=ListSink(), ignore_eos=True)
+    boom.sink.error = GoneSink().error  # tokens arrive, but the error cannot be delivered
+    monkeypatch.setattr(engine.runner, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
+    engine.add_request(boom)
+    engine.step()  # a failed step whose error cannot be delivered either
+    assert boom.status is RequestStatus.FAILED

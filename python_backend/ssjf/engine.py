@@ -123,7 +123,7 @@ class Engine:
                     if self._stopping:
                         break
                 self.step()
-        except BaseException as exc:  # the model reports not-ready through `alive`
+        except BaseException as exc:  # recorded; execute() answers errors while `alive` is false
             self.failure = exc
             log.exception("engine thread died")
         finally:
@@ -162,7 +162,7 @@ class Engine:
         except Exception as exc:
             log.exception("generation step failed")
             for req in list(self.scheduler.running):
-                self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")
+                self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
         self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running),
@@ -200,20 +200,24 @@ class Engine:
                     req.sink.send(delta, final=False)
             except Exception as exc:  # the client went away: free the slot, still try the final flag
                 log.info("request %s: send failed (%s); ending it", req.request_id, exc)
-                self._safe_error(req, f"send failed: {exc}")
+                self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
 
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None, last_delta: str = "") -> None:
-        """End a request with its one final send: the last streamed piece, the whole text, or an error."""
+        """End a request with its one final send: the last streamed piece, the whole text, or an error.
+        Never raises: a client that is gone must not take the engine thread with it."""
         if req.is_done:
             return
         req.status = status
         req.finish_time = self.clock()
         self.stats.finished += 1
         self.metrics.finished(req)  # before the final send: a client that sees the end sees the metric
-        if error is not None:
-            req.sink.error(error)
-        else:
-            req.sink.send(last_delta if req.stream else req.text, final=True)
+        try:
+            if error is not None:
+                req.sink.error(error)
+            else:
+                req.sink.send(last_delta if req.stream else req.text, final=True)
+        except Exception:
+            log.warning("request %s: the final response could not be sent", req.request_id, exc_info=True)
 
     def _retire(self, req: Request) -> None:
         move = self.scheduler.retire(req)
@@ -243,17 +247,11 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         self._drain_inbox()
         for req in list(self.scheduler.running):
-            self._safe_error(req, message)
+            self._finish(req, RequestStatus.FAILED, message)
             self.scheduler.retire(req)
         for req in list(self.scheduler.waiting):
             self.scheduler.remove_waiting(req)
-            self._safe_error(req, message)
-
-    def _safe_error(self, req: Request, message: str) -> None:
-        try:
             self._finish(req, RequestStatus.FAILED, message)
-        except Exception:
-            log.exception("could not send the final error for %s", req.request_id)
 
     # ---- synchronous use (benchmarks, tests) -------------------------------------------
     def run_until_idle(self) -> None:
