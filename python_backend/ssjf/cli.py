@@ -1,21 +1,21 @@
-"""The `ssjf` console script."""
+"""The `ssjf` console script: one table of commands, each a module with main(argv)."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import logging
 import sys
 
 COMMANDS = {
-    "serve": "run tritonserver in the foreground (ports from HTTP_PORT/GRPC_PORT/METRICS_PORT)",
-    "prepare": "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backend folder)",
-    "generate": "send one prompt over gRPC and stream the answer",
-    "bench-engine": "engine tokens/s against transformers' generate and generate_batch",
-    "bench": "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy",
-    "bench-overhead": "Triton round trip minus in-process engine time at concurrency 1",
-    "profile": "record the served LLM's own output lengths over a prompt set (resumable)",
-    "train-proxy": "train a length-predictor artifact from prompt/response rows",
-    "eval-proxy": "Kendall tau, Spearman, MAE, bucket accuracy and latency of a proxy artifact",
+    "serve": ("ssjf.cli:serve", "run tritonserver in the foreground (ports from HTTP_PORT/GRPC_PORT/METRICS_PORT)"),
+    "prepare": ("ssjf.cli:prepare_main", "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backends)"),
+    "generate": ("ssjf_client.cli:main", "send one prompt over gRPC and stream the answer"),
+    "bench": ("ssjf_client.bench:main", "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy"),
+    "bench-engine": ("ssjf.bench_engine:main", "engine tokens/s against transformers' generate and generate_batch"),
+    "bench-overhead": ("ssjf_client.overhead:main", "Triton round trip minus the engine's own time, concurrency 1"),
+    "profile": ("ssjf.profile:main", "record the served LLM's own output lengths over a prompt set (resumable)"),
+    "train-proxy": ("ssjf.train_proxy:main", "train a length-predictor artifact from prompt/response rows"),
+    "eval-proxy": ("ssjf.eval_proxy:main", "Kendall tau, Spearman, MAE, bucket accuracy and latency of an artifact"),
 }
 
 
@@ -23,50 +23,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
-        print("usage: ssjf COMMAND [args]\n\ncommands:")
-        for name, text in COMMANDS.items():
+        print("usage: ssjf COMMAND [args]  (ssjf COMMAND --help for its options)\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
             print(f"  {name:{width}}  {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    command, rest = argv[0], argv[1:]
-    if command == "serve":
-        from .server import ServerConfig, serve
-
-        argparse.ArgumentParser(prog="ssjf serve", description=COMMANDS["serve"]).parse_args(rest)
-        prepare()
-        serve(ServerConfig.from_env())
-    elif command == "prepare":
-        argparse.ArgumentParser(prog="ssjf prepare", description=COMMANDS["prepare"]).parse_args(rest)
-        prepare()
-    elif command == "generate":
-        from ssjf_client.cli import main as generate
-
-        return generate(rest)
-    elif command == "bench-engine":
-        from .bench_engine import main as bench
-
-        bench(rest)
-    elif command == "bench":
-        from ssjf_client.bench import main as bench
-
-        bench(rest)
-    elif command == "bench-overhead":
-        from ssjf_client.overhead import main as overhead
-
-        overhead(rest)
-    elif command == "profile":
-        from .profile import main as profile
-
-        return profile(rest)
-    elif command == "train-proxy":
-        from .train_proxy import main as train
-
-        train(rest)
-    elif command == "eval-proxy":
-        from .eval_proxy import main as evaluate
-
-        evaluate(rest)
-    return 0
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    result = getattr(importlib.import_module(module), function)(argv[1:])
+    return result if isinstance(result, int) else 0
 
 
 def prepare() -> None:
@@ -79,6 +43,23 @@ def prepare() -> None:
         from .server import backend_dir
 
         print(f"triton backends: {backend_dir()}", flush=True)
+
+
+def prepare_main(argv) -> int:
+    if argv:
+        raise SystemExit("ssjf prepare takes no arguments")
+    prepare()
+    return 0
+
+
+def serve(argv) -> None:
+    from .server import ServerConfig
+    from .server import serve as run
+
+    if argv:
+        raise SystemExit("ssjf serve takes no arguments; configure it with environment variables (see README)")
+    prepare()
+    run(ServerConfig.from_env())
 
 
 if __name__ == "__main__":
