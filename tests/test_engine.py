@@ -160,8 +160,8 @@ def test_a_failing_step_ends_requests_with_an_error_and_the_engine_goes_on(tiny_
 
 def test_length_checks(tiny_model, tokenizer):
     engine = make_engine(tiny_model, tokenizer)
-    r = Request("a", engine.encode_prompt("hi"), max_tokens=0, sink=ListSink())
-    engine.check(r, max_tokens_given=False)
+    r = Request("a", engine.encode_prompt("hi"), max_tokens=None, sink=ListSink())
+    engine.check(r)
     assert r.max_tokens == min(engine.config.default_max_tokens, 256 - r.prompt_len)
     with pytest.raises(RequestError, match="^max_tokens:"):
         engine.check(Request("b", [1, 2], max_tokens=255, sink=ListSink()))

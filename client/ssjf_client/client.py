@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,7 +22,6 @@ class GenerateResult:
     jct_s: float | None = None
     chunks: int = 0
     error: str | None = None
-    chunk_times: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +93,6 @@ class SSJFClient:
                 text = piece.reshape(-1)[0].decode("utf-8")
                 if text:
                     result.chunks += 1
-                    result.chunk_times.append(at - start)
                     if result.ttft_s is None:
                         result.ttft_s = at - start
                     result.text += text

@@ -17,7 +17,6 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -32,15 +31,6 @@ class RequestError(ValueError):
     """A request the engine cannot serve as asked (the message names the field)."""
 
 
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
-    finished: int = 0
-    busy_s: float = 0.0
-
-
 class Engine:
     def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic, metrics: Metrics | None = None):
         from .model_runner import ModelRunner
@@ -51,9 +41,8 @@ class Engine:
         self.tokenizer = self.runner.tokenizer
         self.max_seq_len = self.runner.max_seq_len
         self.scheduler = Scheduler(config, clock)
-        self.stats = EngineStats()
+        self.generated_tokens = 0
         self.metrics = metrics or Metrics()
-        self._detok: dict[int, IncrementalDetokenizer] = {}
         self._inbox: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -70,8 +59,8 @@ class Engine:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer.encode(text)
 
-    def check(self, req: Request, max_tokens_given: bool = True) -> None:
-        """Validate lengths against the context; fills in a default max_tokens. Raises RequestError."""
+    def check(self, req: Request) -> None:
+        """Validate against the queue bound and the context; max_tokens None gets the default. Raises RequestError."""
         waiting = len(self._inbox) + len(self.scheduler.waiting)
         if waiting >= self.config.max_waiting:
             raise RequestError(f"queue full: {waiting} requests are waiting (max_waiting={self.config.max_waiting})")
@@ -82,7 +71,7 @@ class Engine:
             raise RequestError(
                 f"text_input: the prompt has {req.prompt_len} tokens; the context holds {self.max_seq_len}"
             )
-        if not max_tokens_given:
+        if req.max_tokens is None:
             req.max_tokens = min(self.config.default_max_tokens, room)
         elif req.max_tokens < 1:
             raise RequestError(f"max_tokens: must be >= 1, got {req.max_tokens}")
@@ -133,55 +122,53 @@ class Engine:
         with self._wake:
             new, self._inbox = list(self._inbox), collections.deque()
         for req in new:
-            self._detok[req.seq] = IncrementalDetokenizer(self.tokenizer)
+            req.detok = IncrementalDetokenizer(self.tokenizer)
             self.scheduler.add(req)
 
     # ---- one iteration ---------------------------------------------------------------
     def step(self) -> None:
-        started = time.perf_counter()
-        tokens_before = self.stats.generated_tokens
         self._drain_inbox()
         self._drop_cancelled_waiting()
         self._drop_cancelled(self.scheduler.running)  # frees slots before admission
-        self.scheduler.schedule()
-        self._drop_cancelled([r for r in self.scheduler.running if r.num_cached == 0])  # never prefill those
-        admitted = [r for r in self.scheduler.running if r.num_cached == 0]
+        admitted = self.scheduler.schedule()
+        self._drop_cancelled(admitted)  # a cancelled request is never prefilled
+        admitted = [r for r in admitted if not r.is_done]
+        new_tokens = 0
         try:
             if admitted:
                 logits = self.runner.prefill([r.slot for r in admitted], [r.prompt_ids for r in admitted])
-                self.stats.prefill_tokens += sum(r.prompt_len for r in admitted)
                 for req in admitted:
                     req.num_cached = req.prompt_len
-                self._postprocess(admitted, self.runner.sample(logits, [r.temperature for r in admitted]))
+                new_tokens += self._postprocess(admitted, self.runner.sample(logits, [r.temperature for r in admitted]))
             running = [r for r in self.scheduler.running if not r.is_done]
             if running:
                 logits = self.runner.decode([r.output_ids[-1] for r in running], [r.num_cached for r in running])
                 for req in running:
                     req.num_cached += 1
-                self._postprocess(running, self.runner.sample(logits, [r.temperature for r in running]))
+                new_tokens += self._postprocess(running, self.runner.sample(logits, [r.temperature for r in running]))
         except Exception as exc:
             log.exception("generation step failed")
             for req in list(self.scheduler.running):
                 self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
-        self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running),
-                          self.stats.generated_tokens - tokens_before)
-        self.stats.steps += 1
-        self.stats.busy_s += time.perf_counter() - started
+        self.generated_tokens += new_tokens
+        self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running), new_tokens)
 
-    def _postprocess(self, reqs: list[Request], tokens: list[int]) -> None:
+    def _postprocess(self, reqs: list[Request], tokens: list[int]) -> int:
+        """Append each request's new token, stream or finish it; returns how many tokens were appended."""
         now = self.clock()
         eos = self.runner.eos_token_ids
+        appended = 0
         for req, token in zip(reqs, tokens):
             if req.is_done:
                 continue
             req.output_ids.append(token)
-            self.stats.generated_tokens += 1
+            appended += 1
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.metrics.first_token(req)
-            delta = self._detok[req.seq].add(token)
+            delta = req.detok.add(token)
             reason = None
             if token in eos and not req.ignore_eos:
                 reason = "stop"
@@ -190,7 +177,7 @@ class Engine:
             elif req.num_cached + 1 >= self.max_seq_len:
                 reason = "context"
             if reason:
-                delta += self._detok[req.seq].flush()
+                delta += req.detok.flush()
             req.text += delta
             try:
                 if reason:
@@ -201,6 +188,7 @@ class Engine:
             except Exception as exc:  # the client went away: free the slot, still try the final flag
                 log.info("request %s: send failed (%s); ending it", req.request_id, exc)
                 self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
+        return appended
 
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None, last_delta: str = "") -> None:
         """End a request with its one final send: the last streamed piece, the whole text, or an error.
@@ -209,7 +197,7 @@ class Engine:
             return
         req.status = status
         req.finish_time = self.clock()
-        self.stats.finished += 1
+        req.detok = None
         self.metrics.finished(req)  # before the final send: a client that sees the end sees the metric
         try:
             if error is not None:
@@ -224,7 +212,6 @@ class Engine:
         if move is not None:
             src, dst = move
             self.runner.move_slot(src, dst, self.scheduler.running[dst].num_cached)
-        self._detok.pop(req.seq, None)
 
     def _drop_cancelled(self, running: list[Request]) -> None:
         """Every step: a cancelled running request leaves its slot now."""
@@ -242,7 +229,6 @@ class Engine:
         for req in list(self.scheduler.waiting):
             if req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
-                self._detok.pop(req.seq, None)
 
     def _fail_all(self, message: str) -> None:
         self._drain_inbox()

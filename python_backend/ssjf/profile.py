@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                                       "model": model_name}, ensure_ascii=False) + "\n")
                 out.flush()
     bar.close()
-    tokens = engine.stats.generated_tokens
+    tokens = engine.generated_tokens
     print(f"profiled {len(prompts) - skipped} prompts ({skipped} skipped), {tokens} tokens in "
           f"{time.time() - start:.0f}s ({tokens / max(1e-9, time.time() - start):.0f} tokens/s) -> {args.out}")
     return 0

@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 _arrivals = itertools.count()
 
@@ -33,7 +33,7 @@ class Sink(Protocol):
 class Request:
     request_id: str
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int | None  # None: the engine's default, clamped to the context
     sink: Sink | None = None
     ignore_eos: bool = False
     temperature: float = 0.0
@@ -49,6 +49,7 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     text: str = ""  # detokenized output so far
+    detok: Any = field(default=None, repr=False)  # the engine's IncrementalDetokenizer while it runs
 
     @property
     def prompt_len(self) -> int:

@@ -64,7 +64,7 @@ class TritonPythonModel:
                 req = Request(
                     request_id=request.request_id() or "",
                     prompt_ids=self.engine.encode_prompt(inputs.text),
-                    max_tokens=inputs.max_tokens or 0,
+                    max_tokens=inputs.max_tokens,  # None: the engine default
                     sink=sink,
                     ignore_eos=inputs.ignore_eos,
                     temperature=inputs.temperature,
@@ -74,7 +74,7 @@ class TritonPythonModel:
                 )
                 if arrays["predicted_length"] is not None and inputs.predicted_length is None:
                     self.metrics.proxy_fallback()  # the proxy answered 0: it failed for this prompt
-                self.engine.check(req, max_tokens_given=inputs.max_tokens is not None)
+                self.engine.check(req)
                 self.engine.add_request(req)
             except RequestError as exc:
                 self.metrics.rejected(str(exc).split(":", 1)[0])
