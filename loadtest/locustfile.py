@@ -38,17 +38,11 @@ def load_prompts():
     path = os.environ.get("SSJF_PROMPTS")
     if not path:
         return [(p, None) for p in BUILTIN]
-    from ssjf.data import load_rows
+    from ssjf.data import load_rows, response_lengths
 
     rows = list(load_rows(path))
     if os.environ.get("SSJF_TRACE") == "1":
-        from transformers import AutoTokenizer
-
-        from ssjf.assets import resolve_llm
-
-        tok = AutoTokenizer.from_pretrained(resolve_llm("smollm2"))
-        return [(r.prompt, r.length or max(1, len(tok.encode(r.response or "", add_special_tokens=False))))
-                for r in rows]
+        return list(zip([r.prompt for r in rows], response_lengths(rows)))
     return [(r.prompt, None) for r in rows]
 
 

@@ -56,3 +56,11 @@ def test_unknown_record_and_bad_json_are_clear_errors(tmp_path):
 def test_data_spec_with_model_filter():
     assert parse_data_spec("a/b.jsonl") == ("a/b.jsonl", None)
     assert parse_data_spec("a/b.jsonl@m1,m2") == ("a/b.jsonl", {"m1", "m2"})
+
+
+def test_response_lengths_prefer_the_recorded_length(tokenizer):
+    from ssjf.data import Row, count_tokens, response_lengths
+
+    rows = [Row("p", response="Hello there, world!"), Row("q", length=7), Row("r", response="")]
+    assert response_lengths(rows) == [len(tokenizer.encode("Hello there, world!", add_special_tokens=False)), 7, 1]
+    assert count_tokens([]) == []

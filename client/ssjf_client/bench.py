@@ -52,20 +52,17 @@ class Job:
 def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bool, max_prompt_tokens: int,
                   max_seq_len: int) -> list[tuple[str, int | None, int]]:
     """(prompt, max_tokens or None, recorded length) for n rows sampled from data."""
-    from transformers import AutoTokenizer
-
-    from ssjf.assets import resolve_llm
-    from ssjf.data import load_rows, parse_data_spec
+    from ssjf.data import count_tokens, load_rows, parse_data_spec, response_lengths
 
     path, models = parse_data_spec(data)
     rows = [r for r in load_rows(path, models) if r.response or r.length]
-    tok = AutoTokenizer.from_pretrained(resolve_llm("smollm2"))
+    lengths = response_lengths(rows)
+    prompt_tokens_of = count_tokens([r.prompt for r in rows])
     rng = np.random.default_rng(seed)
     out = []
     for i in rng.permutation(len(rows)):
-        r = rows[i]
-        prompt_tokens = len(tok.encode(r.prompt, add_special_tokens=False)) + 32  # + the chat template
-        length = r.length or max(1, len(tok.encode(r.response, add_special_tokens=False)))
+        r, length = rows[i], lengths[i]
+        prompt_tokens = prompt_tokens_of[i] + 32  # + the chat template
         max_tokens = max(1, round(length * length_scale))
         if prompt_tokens > max_prompt_tokens or prompt_tokens + max_tokens > max_seq_len:
             continue

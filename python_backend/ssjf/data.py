@@ -13,6 +13,7 @@ Formats (chosen by content, so users point `--data` at their own files):
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,23 @@ def parse_data_spec(spec: str) -> tuple[str, set[str] | None]:
     """`path[@model,model]`: a file, optionally keeping only rows answered by these models."""
     path, sep, models = spec.rpartition("@") if "@" in spec else (spec, "", "")
     return path, set(models.split(",")) if sep and models else None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from .assets import resolve_llm
+
+    return AutoTokenizer.from_pretrained(resolve_llm(name))
+
+
+def count_tokens(texts: list[str], tokenizer: str = "smollm2") -> list[int]:
+    """Token counts of texts under a served model's tokenizer (no special tokens)."""
+    return [len(ids) for ids in _tokenizer(tokenizer)(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def response_lengths(rows: list[Row], tokenizer: str = "smollm2") -> list[int]:
+    """Each row's output length: its recorded `length`, else its response's token count (at least 1)."""
+    counted = count_tokens([r.response or "" for r in rows], tokenizer)
+    return [r.length if r.length is not None else max(1, n) for r, n in zip(rows, counted)]

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from scipy import stats
 
-from .data import load_rows, parse_data_spec
+from .data import load_rows, parse_data_spec, response_lengths
 from .report import emit
 
 
@@ -23,18 +23,6 @@ def in_test_split(prompt: str, fraction: float, seed: int = 0) -> bool:
     """Deterministic split by prompt text: the same prompt always lands on the same side."""
     digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def token_lengths(rows, tokenizer_name: str) -> np.ndarray:
-    from transformers import AutoTokenizer
-
-    from .assets import resolve_llm
-
-    tok = AutoTokenizer.from_pretrained(resolve_llm(tokenizer_name))
-    texts = [r.response or "" for r in rows]
-    counted = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return np.asarray([r.length if r.length is not None else max(1, len(c)) for r, c in zip(rows, counted)],
-                      dtype=np.float64)
 
 
 def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
@@ -88,7 +76,7 @@ def main(argv=None) -> dict:
     rows = [r for r in rows if r.response is not None or r.length is not None]
     if not rows:
         raise SystemExit("no rows with a response or length")
-    true = token_lengths(rows, args.tokenizer or meta.get("tokenizer", "smollm2"))
+    true = np.asarray(response_lengths(rows, args.tokenizer or meta.get("tokenizer", "smollm2")), dtype=np.float64)
     prompts = [r.prompt for r in rows]
     models = [r.model for r in rows] if predictor.models else None
     pred = predictor.predict(prompts, models, cached=True)

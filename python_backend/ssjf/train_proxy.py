@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .data import load_rows, parse_data_spec
-from .eval_proxy import in_test_split, proxy_metrics, token_lengths
+from .data import load_rows, parse_data_spec, response_lengths
+from .eval_proxy import in_test_split, proxy_metrics
 from .proxy import ARTIFACT_DIR, Encoder, Head, features, save_artifact
 
 OBJECTIVES = ("regression", "classification", "ranking")
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     for spec in args.data:
         path, models = parse_data_spec(spec)
         rows.extend(r for r in load_rows(path, models) if r.response is not None or r.length is not None)
-    lengths = token_lengths(rows, args.tokenizer)
+    lengths = np.asarray(response_lengths(rows, args.tokenizer), dtype=np.float64)
     y = np.log1p(lengths)
     prompts = [r.prompt for r in rows]
     test = np.array([in_test_split(p, args.test_fraction, args.seed) for p in prompts])
