@@ -237,3 +237,103 @@ def test_a_vanished_client_never_kills_the_engine(tiny_model, tokenizer, monkeyp
     engine.add_request(boom)
     engine.step()  # a failed step whose error cannot be delivered either
     assert boom.status is RequestStatus.FAILED
+
+
+def test_one_failing_request_fails_alone_and_the_batch_goes_on(tiny_model, tokenizer, monkeypatch):
+    """A forward pass that fails whenever the poisoned request is in the batch: the batch is retried
+    one request at a time, the poisoned one gets the error, the others give their exact tokens."""
+    engine = make_engine(tiny_model, tokenizer)
+    reqs = requests(engine)[:4]
+    poison = reqs[1]
+    real = engine.runner.decode
+
+    def decode(tokens, positions, slots=None):
+        if poison.slot in (range(len(tokens)) if slots is None else slots):
+            raise RuntimeError("poisoned row")
+        return real(tokens, positions, slots)
+
+    monkeypatch.setattr(engine.runner, "decode", decode)
+    for r in reqs:
+        engine.add_request(r)
+    engine.run_until_idle()
+    assert poison.status is RequestStatus.FAILED and "poisoned row" in poison.sink.errors[0]
+    assert poison.sink.finals == 1
+    for r in reqs:
+        if r is not poison:
+            assert r.status is RequestStatus.FINISHED and r.sink.finals == 1
+            assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens)
+
+
+def test_requests_past_their_deadline_end_with_an_error(tiny_model, tokenizer):
+    now = [0.0]
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, request_timeout_s=100)
+    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    running = Request("run", engine.encode_prompt("a"), max_tokens=200, sink=ListSink(), ignore_eos=True,
+                      arrival_time=0.0, timeout_s=5.0)
+    waiting = Request("wait", engine.encode_prompt("b"), max_tokens=4, sink=ListSink(), ignore_eos=True,
+                      arrival_time=0.0)
+    later = Request("later", engine.encode_prompt("c"), max_tokens=4, sink=ListSink(), ignore_eos=True,
+                    arrival_time=0.0)
+    for r in (running, waiting):
+        engine.check(r)
+        engine.add_request(r)
+    assert running.deadline == 5.0 and waiting.deadline == 100.0  # the shorter of the client's and ours
+    engine.step()
+    now[0] = 6.0
+    engine.step()  # the running request is past its 5 s
+    assert running.status is RequestStatus.FAILED and running.sink.errors[0].startswith("deadline exceeded")
+    assert 0 < len(running.output_ids) < 200
+    engine.check(later)
+    engine.add_request(later)
+    later.deadline = 1000.0  # as if it had asked for more time than the engine's bound
+    now[0] = 101.0  # `waiting` is past the engine's 100 s bound
+    engine.run_until_idle()
+    assert waiting.status is RequestStatus.FAILED and "deadline exceeded" in waiting.sink.errors[0]
+    assert later.status is RequestStatus.FINISHED
+
+
+def test_tiny_temperatures_sample_greedily_instead_of_overflowing(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    r = Request("t", engine.encode_prompt("hello there"), max_tokens=6, sink=ListSink(), ignore_eos=True,
+                temperature=1e-30)
+    engine.add_request(r)
+    engine.run_until_idle()
+    assert r.status is RequestStatus.FINISHED
+    assert r.output_ids == reference(tiny_model, r.prompt_ids, 6)
+
+
+def _wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_crashed_loop_fails_in_flight_requests_restarts_then_reports_death(tiny_model, tokenizer, monkeypatch):
+    deaths = []
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=4, max_engine_restarts=1)
+    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer),
+                    on_death=deaths.append)
+
+    def crash(*a, **k):
+        raise AssertionError("scheduler bug")
+
+    monkeypatch.setattr(engine.scheduler, "schedule", crash)
+    engine.start()
+    try:
+        first = Request("1", engine.encode_prompt("x"), max_tokens=4, sink=ListSink(), ignore_eos=True)
+        engine.add_request(first)
+        assert _wait_for(lambda: first.is_done)
+        assert first.status is RequestStatus.FAILED and "scheduler bug" in first.sink.errors[0]
+        assert engine.alive and engine.crashes == 1  # restarted with a fresh scheduler
+        ok = Request("2", engine.encode_prompt("y"), max_tokens=4, sink=ListSink(), ignore_eos=True)
+        engine.add_request(ok)
+        assert _wait_for(lambda: ok.is_done) and ok.status is RequestStatus.FINISHED
+        monkeypatch.setattr(engine.scheduler, "schedule", crash)
+        last = Request("3", engine.encode_prompt("z"), max_tokens=4, sink=ListSink(), ignore_eos=True)
+        engine.add_request(last)
+        assert _wait_for(lambda: not engine.alive)  # the second crash uses up the restarts
+        assert last.status is RequestStatus.FAILED and last.sink.finals == 1
+        assert len(deaths) == 1 and isinstance(engine.failure, AssertionError)
+    finally:
+        engine.stop()

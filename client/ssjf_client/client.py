@@ -70,12 +70,14 @@ class SSJFClient:
 
     def generate(self, prompt: str, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, timeout: float = 600.0,
-                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+                 on_text: Callable[[str], None] | None = None, deadline_s: float | None = None) -> GenerateResult:
+        """One request; `timeout` bounds the wait here, `deadline_s` is sent to the server, which ends
+        the request with a "deadline exceeded" error once it has run that long (ensemble included)."""
         result = GenerateResult()
         start = time.perf_counter()
         self.client.async_stream_infer(
             self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature),
-            enable_empty_final_response=True,
+            enable_empty_final_response=True, timeout=int(deadline_s * 1e6) if deadline_s else None,
         )
         deadline = start + timeout
         while True:

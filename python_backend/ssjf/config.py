@@ -23,6 +23,9 @@ class EngineConfig:
     starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
     max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
     max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it; 0 disables
+    request_timeout_s: float = 600.0  # deadline from arrival unless the client sets a shorter one; 0 disables
+    max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
+    max_engine_restarts: int = 3  # engine-thread crashes survived (in-flight requests fail) before giving up
     chat_template: bool = True  # wrap prompts in the model's chat template
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -40,8 +43,9 @@ class EngineConfig:
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.starvation_s < 0:
-            raise ValueError("starvation_s must be >= 0")
+        for name in ("starvation_s", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if self.batching == "none":
             self.max_batch_size = 1
 

@@ -9,6 +9,11 @@ Life of a request:
      sink (a delta per step when streaming, the whole text at the end otherwise).
   4. finished requests are retired; their slot is refilled by the last running request.
 Every request ends with exactly one final send or one error.
+
+Faults stay as small as they can: a batch whose forward pass fails is retried one request
+at a time, so only the request that fails alone gets an error; a request past its deadline
+ends with an error; a crash of the loop itself fails what is in flight and restarts the loop
+(up to max_engine_restarts), after which the engine reports dead through on_death.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class RequestError(ValueError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic, metrics: Metrics | None = None):
+    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic, metrics: Metrics | None = None,
+                 on_death=None):
         from .model_runner import ModelRunner
 
         self.config = config
@@ -48,7 +54,9 @@ class Engine:
         self._stopping = False
         self._next_waiting_scan = 0.0
         self._thread: threading.Thread | None = None
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # set when the engine gave up
+        self.crashes = 0
+        self.on_death = on_death  # called once, from the engine thread, when it gives up
 
     # ---- requests in ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -71,6 +79,8 @@ class Engine:
             raise RequestError(
                 f"text_input: the prompt has {req.prompt_len} tokens; the context holds {self.max_seq_len}"
             )
+        bounds = [t for t in (req.timeout_s, self.config.request_timeout_s) if t]
+        req.deadline = req.arrival_time + min(bounds) if bounds else None
         if req.max_tokens is None:
             req.max_tokens = min(self.config.default_max_tokens, room)
         elif req.max_tokens < 1:
@@ -104,19 +114,30 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
-        try:
-            while True:
-                with self._wake:
-                    while not self._stopping and not self._inbox and not self.scheduler.has_work():
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                self.step()
-        except BaseException as exc:  # recorded; execute() answers errors while `alive` is false
-            self.failure = exc
-            log.exception("engine thread died")
-        finally:
-            self._fail_all("server shutting down" if self.failure is None else f"engine failed: {self.failure}")
+        while True:
+            try:
+                self._serve()
+                break  # stopped
+            except BaseException as exc:
+                self.crashes += 1
+                log.exception("engine loop crashed (%d of %d restarts used)", self.crashes, self.config.max_engine_restarts)
+                self._fail_all(f"engine error: {exc}")
+                if self.crashes > self.config.max_engine_restarts:
+                    self.failure = exc  # execute() answers errors while `alive` is false
+                    break
+                self.scheduler = Scheduler(self.config, self.clock)  # a clean queue; the cache is per slot
+        self._fail_all("server shutting down" if self.failure is None else f"engine failed: {self.failure}")
+        if self.failure is not None and self.on_death is not None:
+            self.on_death(self.failure)
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
 
     def _drain_inbox(self) -> None:
         with self._wake:
@@ -128,32 +149,54 @@ class Engine:
     # ---- one iteration ---------------------------------------------------------------
     def step(self) -> None:
         self._drain_inbox()
-        self._drop_cancelled_waiting()
+        self._scan_waiting()
         self._drop_cancelled(self.scheduler.running)  # frees slots before admission
         admitted = self.scheduler.schedule()
         self._drop_cancelled(admitted)  # a cancelled request is never prefilled
         admitted = [r for r in admitted if not r.is_done]
         new_tokens = 0
-        try:
-            if admitted:
-                logits = self.runner.prefill([r.slot for r in admitted], [r.prompt_ids for r in admitted])
-                for req in admitted:
-                    req.num_cached = req.prompt_len
-                new_tokens += self._postprocess(admitted, self.runner.sample(logits, [r.temperature for r in admitted]))
-            running = [r for r in self.scheduler.running if not r.is_done]
-            if running:
-                logits = self.runner.decode([r.output_ids[-1] for r in running], [r.num_cached for r in running])
-                for req in running:
-                    req.num_cached += 1
-                new_tokens += self._postprocess(running, self.runner.sample(logits, [r.temperature for r in running]))
-        except Exception as exc:
-            log.exception("generation step failed")
-            for req in list(self.scheduler.running):
-                self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
+        if admitted:
+            done, tokens = self._generate(admitted, lambda rs: self.runner.prefill(
+                [r.slot for r in rs], [r.prompt_ids for r in rs]))
+            for req in done:
+                req.num_cached = req.prompt_len
+            new_tokens += self._postprocess(done, tokens)
+        running = [r for r in self.scheduler.running if not r.is_done]
+        if running:
+            compact = all(r.slot == i for i, r in enumerate(running))
+            done, tokens = self._generate(running, lambda rs: self.runner.decode(
+                [r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
+                None if compact and rs is running else [r.slot for r in rs]))
+            for req in done:
+                req.num_cached += 1
+            new_tokens += self._postprocess(done, tokens)
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
         self.generated_tokens += new_tokens
         self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running), new_tokens)
+
+    def _generate(self, reqs: list[Request], forward) -> tuple[list[Request], list[int]]:
+        """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
+        the ones that fail alone end with an error, the rest go on. Returns (requests, tokens)."""
+        try:
+            return reqs, self.runner.sample(forward(reqs), [r.temperature for r in reqs])
+        except Exception as exc:
+            if len(reqs) == 1:
+                self._fail_generation(reqs[0], exc)
+                return [], []
+            log.warning("a batch of %d failed (%s); retrying each request alone", len(reqs), exc)
+        ok, tokens = [], []
+        for req in reqs:
+            try:
+                tokens += self.runner.sample(forward([req]), [req.temperature])
+                ok.append(req)
+            except Exception as exc:
+                self._fail_generation(req, exc)
+        return ok, tokens
+
+    def _fail_generation(self, req: Request, exc: Exception) -> None:
+        log.error("request %s: generation failed: %s", req.request_id, exc)
+        self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
 
     def _postprocess(self, reqs: list[Request], tokens: list[int]) -> int:
         """Append each request's new token, stream or finish it; returns how many tokens were appended."""
@@ -168,7 +211,11 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.metrics.first_token(req)
-            delta = req.detok.add(token)
+            try:
+                delta = req.detok.add(token)
+            except Exception as exc:  # one request's bad token must not end the others
+                self._fail_generation(req, exc)
+                continue
             reason = None
             if token in eos and not req.ignore_eos:
                 reason = "stop"
@@ -176,6 +223,9 @@ class Engine:
                 reason = "length"
             elif req.num_cached + 1 >= self.max_seq_len:
                 reason = "context"
+            elif req.deadline is not None and now > req.deadline:
+                self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
+                continue
             if reason:
                 delta += req.detok.flush()
             req.text += delta
@@ -189,6 +239,11 @@ class Engine:
                 log.info("request %s: send failed (%s); ending it", req.request_id, exc)
                 self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
         return appended
+
+    @staticmethod
+    def _deadline_message(req: Request, now: float) -> str:
+        return (f"deadline exceeded: {now - req.arrival_time:.1f} s since arrival, "
+                f"{len(req.output_ids)} tokens generated (timeout {req.deadline - req.arrival_time:.1f} s)")
 
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None, last_delta: str = "") -> None:
         """End a request with its one final send: the last streamed piece, the whole text, or an error.
@@ -220,24 +275,33 @@ class Engine:
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
                 self._retire(req)
 
-    def _drop_cancelled_waiting(self, interval_s: float = 1.0) -> None:
-        """About once a second: each check is an IPC round trip in Triton, and the queue can be long."""
+    def _scan_waiting(self, interval_s: float = 1.0) -> None:
+        """About once a second, the waiting queue loses cancelled and expired requests (each
+        cancellation check is an IPC round trip in Triton, and the queue can be long)."""
         now = self.clock()
         if now < self._next_waiting_scan:
             return
         self._next_waiting_scan = now + interval_s
         for req in list(self.scheduler.waiting):
-            if req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
+            if req.deadline is not None and now > req.deadline:
+                if self.scheduler.remove_waiting(req):
+                    self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
+            elif req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
 
     def _fail_all(self, message: str) -> None:
-        self._drain_inbox()
-        for req in list(self.scheduler.running):
+        """End everything queued or running with an error (the scheduler itself may be broken)."""
+        with self._wake:
+            inbox, self._inbox = list(self._inbox), collections.deque()
+        for req in [*inbox, *list(self.scheduler.running), *list(self.scheduler.waiting)]:
             self._finish(req, RequestStatus.FAILED, message)
-            self.scheduler.retire(req)
-        for req in list(self.scheduler.waiting):
-            self.scheduler.remove_waiting(req)
-            self._finish(req, RequestStatus.FAILED, message)
+        try:
+            for req in list(self.scheduler.running):
+                self.scheduler.retire(req)
+            for req in list(self.scheduler.waiting):
+                self.scheduler.remove_waiting(req)
+        except Exception:
+            log.exception("the scheduler could not be emptied; it is replaced")
 
     # ---- synchronous use (benchmarks, tests) -------------------------------------------
     def run_until_idle(self) -> None:

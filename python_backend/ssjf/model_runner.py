@@ -165,15 +165,16 @@ class ModelRunner:
         return self.lm_head(self.norm(last)).float()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of slots 0..B-1 at its position; returns logits [B, vocab]."""
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """One token for each of slots 0..B-1 (or the given slots) at its position; returns logits [B, vocab]."""
         b = len(tokens)
+        compact = slots is None or list(slots) == list(range(b))
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         span = int(max(positions)) + 1
         mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        rows = torch.arange(b, device=self.device)
+        rows = torch.arange(b, device=self.device) if compact else torch.tensor(slots, device=self.device)
         x = self.embed(tok)[:, None]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -181,7 +182,10 @@ class ModelRunner:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.k_cache[i][rows, :, pos] = k[:, :, 0]
             self.v_cache[i][rows, :, pos] = v[:, :, 0]
-            keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
+            if compact:  # the running requests are kept in slots 0..B-1: a view, no copy
+                keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
+            else:  # a retry of single requests: gather their rows
+                keys, values = self.k_cache[i, rows, :, :span], self.v_cache[i, rows, :, :span]
             # One query per sequence: fold the query heads of a KV group into the "length" axis.
             out = F.scaled_dot_product_attention(
                 q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
@@ -197,9 +201,9 @@ class ModelRunner:
 
     @staticmethod
     def sample(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
-        """Greedy where temperature is 0, else sampling from softmax(logits / T)."""
+        """Greedy where temperature is (about) 0, else sampling from softmax(logits / T)."""
         tokens = logits.argmax(dim=-1)
-        hot = [i for i, t in enumerate(temperatures) if t > 0]
+        hot = [i for i, t in enumerate(temperatures) if t > 1e-5]  # below that, logits / T overflow: greedy
         if hot:
             temps = torch.tensor([temperatures[i] for i in hot], device=logits.device)[:, None]
             probs = torch.softmax(logits[hot] / temps, dim=-1)

@@ -156,6 +156,8 @@ class Head:
 class LengthPredictor:
     """prompt -> predicted output length in tokens of the target model's tokenizer."""
 
+    MAX_CHARS = 262144
+
     def __init__(self, artifact: str = DEFAULT_ARTIFACT, device: str = "cpu", encoder: Encoder | None = None):
         self.path = resolve_artifact(artifact)
         with np.load(self.path, allow_pickle=False) as data:
@@ -180,7 +182,9 @@ class LengthPredictor:
         return self.head.predict_log(features(emb, lens, self._model_ids(len(texts), models), len(self.models)))
 
     def predict(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
-        """Predicted lengths (int32, >= 1)."""
+        """Predicted lengths (int32, >= 1). Texts are cut at MAX_CHARS: far past any context, and a
+        huge body must not cost seconds of tokenization here before the LLM rejects it."""
+        texts = [t[: self.MAX_CHARS] for t in texts]
         pred = np.expm1(self.predict_log(texts, models, cached))
         return np.clip(np.rint(pred), 1, self.max_prediction).astype(np.int32)
 

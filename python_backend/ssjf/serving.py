@@ -52,11 +52,25 @@ def decode_text(value) -> str:
     raise RequestError(f"text_input: expected a string, got {type(value).__name__}")
 
 
-def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
+def check_parameters(parameters: str | dict | None) -> None:
+    """Request parameters (JSON from Triton; the generate endpoint puts unknown body fields there).
+    This model takes none: a misspelt field would otherwise be dropped without a word."""
+    params = json.loads(parameters) if isinstance(parameters, str) else (parameters or {})
+    if params:
+        raise RequestError(
+            f"parameters: unknown request parameter(s) {', '.join(sorted(map(repr, params)))}; "
+            f"the inputs are {', '.join(n for n in LLM_INPUTS if n != 'predicted_length')}"
+        )
+
+
+def parse_llm_inputs(arrays: dict[str, np.ndarray | None], max_prompt_bytes: int = 0) -> LLMInputs:
     """Validate and convert one request's input tensors."""
     text = _scalar("text_input", arrays.get("text_input"))
     if text is None:
         raise RequestError("text_input: missing")
+    size = len(text) if isinstance(text, (bytes, np.bytes_, str)) else 0
+    if max_prompt_bytes and size > max_prompt_bytes:
+        raise RequestError(f"text_input: {size} bytes is over the limit of {max_prompt_bytes} (max_prompt_bytes)")
     parsed = LLMInputs(text=decode_text(text))
     if not parsed.text.strip():
         raise RequestError("text_input: the prompt is empty")

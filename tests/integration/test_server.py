@@ -112,20 +112,123 @@ def test_cancelled_direct_stream_frees_the_engine(server):
     assert time.perf_counter() - start < 2.0
 
 
-def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server):
-    with SSJFClient(server.grpc_url) as client:
-        r = client.generate("   ", max_tokens=8)
-        assert not r.ok and "text_input" in r.error
-        r = client.generate("hi", max_tokens=100000)
-        assert not r.ok and "max_tokens" in r.error
-        r = client.generate("Still fine?", max_tokens=4, ignore_eos=True)
-        assert r.ok
+def _grpc_error(server, model, inputs, parameters=None):
+    """Send raw tensors over a gRPC stream; the error text of the final response (None if it succeeded)."""
+    got = []
+    done = threading.Event()
+
+    def callback(result, error):
+        if error is not None:
+            got.append(error.message())
+            done.set()
+        elif result.get_response().parameters["triton_final_response"].bool_param:
+            done.set()
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=callback)
     try:
-        post(f"{server.http_url}/v2/models/ssjf/generate", {"text_input": "hi", "temperature": -1.0})
-        raise AssertionError("expected an HTTP error")
+        try:
+            client.async_stream_infer(model, inputs, parameters=parameters, enable_empty_final_response=True)
+        except Exception as exc:  # rejected by the client library before it left
+            return str(exc)
+        assert done.wait(30), "no final response"
+        return got[0] if got else None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _tensor(name, array, triton_type):
+    t = grpcclient.InferInput(name, list(array.shape), triton_type)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def _http_error(server, model, body: bytes):
+    req = urllib.request.Request(f"{server.http_url}/v2/models/{model}/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=30).read()
+        return None
     except urllib.error.HTTPError as exc:
-        assert "temperature" in exc.read().decode()
+        return exc.read().decode()
+
+
+def test_every_bad_input_gets_a_clear_error_fast_and_nothing_else_is_disturbed(server):
+    """Issue 5's list, in a row against one server, while a long stream runs beside them: each case
+    answers an error naming the field in under a second; the long stream ends intact."""
+    beside = {}
+
+    def long_stream():
+        with SSJFClient(server.grpc_url) as client:
+            beside["r"] = client.generate("Count slowly to one hundred.", max_tokens=60, ignore_eos=True,
+                                          timeout=300)
+
+    runner = threading.Thread(target=long_stream)
+    runner.start()
+    text = lambda v: _tensor("text_input", np.array([[v]], dtype=np.object_), "BYTES")  # noqa: E731
+    scalar = lambda name, v, dt, tt: _tensor(name, np.array([[v]], dtype=dt), tt)  # noqa: E731
+    big = "word " * 2_000_000  # 10 MB
+    cases = {
+        "missing text_input": ("llm", lambda: _grpc_error(server, "llm", [scalar("max_tokens", 4, np.int32, "INT32")]),
+                               "text_input"),
+        "empty text_input": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(b"")]), "text_input"),
+        "wrong dtype": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(b"hi"), scalar("max_tokens", 1.5, np.float32,
+                                                                                          "FP32")]), "max_tokens"),
+        "wrong shape": ("ssjf", lambda: _grpc_error(server, "ssjf", [
+            _tensor("text_input", np.array([[b"a", b"b"]], dtype=np.object_), "BYTES")]), "text_input"),
+        "several prompts": ("ssjf", lambda: _grpc_error(server, "ssjf", [
+            _tensor("text_input", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES")]), "text_input"),
+        "not UTF-8": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(b"\xff\xfe bad")]), "text_input"),
+        "longer than the context": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(("lorem ipsum " * 3000).encode())]),
+                                    "text_input"),
+        "max_tokens 0": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(b"hi"), scalar("max_tokens", 0, np.int32,
+                                                                                          "INT32")]), "max_tokens"),
+        "max_tokens negative": ("ssjf", lambda: _grpc_error(server, "ssjf", [
+            text(b"hi"), scalar("max_tokens", -5, np.int32, "INT32")]), "max_tokens"),
+        "max_tokens beyond the context": ("ssjf", lambda: _grpc_error(server, "ssjf", [
+            text(b"hi"), scalar("max_tokens", 100000, np.int32, "INT32")]), "max_tokens"),
+        "temperature negative": ("ssjf", lambda: _http_error(server, "ssjf", json.dumps(
+            {"text_input": "hi", "temperature": -1.0}).encode()), "temperature"),
+        "temperature NaN": ("ssjf", lambda: _grpc_error(server, "ssjf", [
+            text(b"hi"), scalar("temperature", np.nan, np.float32, "FP32")]), "temperature"),
+        "unknown parameter (HTTP field)": ("ssjf", lambda: _http_error(server, "ssjf", json.dumps(
+            {"text_input": "hi", "max_token": 5}).encode()), "max_token"),
+        "unknown parameter (gRPC)": ("llm", lambda: _grpc_error(server, "llm", [text(b"hi")], {"top_k": 5}),
+                                     "top_k"),
+        "very large body (HTTP)": ("ssjf", lambda: _http_error(server, "ssjf", json.dumps(
+            {"text_input": big}).encode()), "text_input"),
+        "very large body (gRPC)": ("ssjf", lambda: _grpc_error(server, "ssjf", [text(big.encode())]), "text_input"),
+        "malformed JSON": ("ssjf", lambda: _http_error(server, "ssjf", b'{"text_input": "hi",'), ""),
+    }
+    slow, wrong = {}, {}
+    for name, (_, call, field) in cases.items():
+        start = time.perf_counter()
+        error = call()
+        took = time.perf_counter() - start
+        if error is None or field not in error:
+            wrong[name] = error
+        if took >= 1.0:
+            slow[name] = round(took, 2)
+        print(f"{name:32s} {took * 1000:7.1f} ms  {(error or '')[:110]}")
+    runner.join(300)
+    assert not wrong, wrong
+    assert not slow, slow
+    assert beside["r"].ok and beside["r"].chunks >= 1, beside["r"].error
     assert is_ready(server.http_url)
+    with SSJFClient(server.grpc_url) as client:
+        assert client.generate("Still fine?", max_tokens=4, ignore_eos=True).ok
+
+
+def test_a_request_past_its_deadline_ends_with_an_error_through_the_ensemble(server):
+    """Triton 2.51 does not pass a cancel into the ensemble's decoupled step; the client's timeout
+    (Triton's request timeout, forwarded by the ensemble) bounds the work instead."""
+    with SSJFClient(server.grpc_url) as client:
+        r = client.generate("Write a very long essay about rivers.", max_tokens=400, ignore_eos=True,
+                            deadline_s=1.0, timeout=60)
+        assert not r.ok and "deadline exceeded" in r.error
+        assert r.jct_s < 3.0  # ended within a step of the deadline, not after 400 tokens
+        assert client.generate("And now?", max_tokens=4, ignore_eos=True).ok
 
 
 def test_predicted_length_orders_the_llm_queue(server):

@@ -1,6 +1,8 @@
 """Triton glue for the LLM: parse tensors, hand requests to the engine thread, send responses."""
 
 import logging
+import os
+import signal
 import time
 
 import numpy as np
@@ -10,7 +12,7 @@ from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.metrics import TritonMetrics
 from ssjf.request import Request
-from ssjf.serving import LLM_INPUTS, model_parameters, parse_llm_inputs
+from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
 
 
 class TritonSink:
@@ -44,7 +46,7 @@ class TritonPythonModel:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = EngineConfig.from_strings(model_parameters(args))
         self.metrics = TritonMetrics(pb_utils, self.config.policy)
-        self.engine = Engine(self.config, metrics=self.metrics)
+        self.engine = Engine(self.config, metrics=self.metrics, on_death=self._engine_died)
         self.engine.start()
         logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
 
@@ -57,8 +59,9 @@ class TritonPythonModel:
                 arrays[name] = None if tensor is None else tensor.as_numpy()
             sink = None
             try:
-                inputs = parse_llm_inputs(arrays)
+                inputs = parse_llm_inputs(arrays, self.config.max_prompt_bytes)
                 sink = TritonSink(request, inputs.predicted_length or 0)
+                check_parameters(request.parameters())
                 if not self.engine.alive:
                     raise RequestError(f"engine is not running: {self.engine.failure}")
                 req = Request(
@@ -71,6 +74,7 @@ class TritonPythonModel:
                     stream=inputs.stream,
                     predicted_length=inputs.predicted_length,
                     arrival_time=arrived,
+                    timeout_s=request.timeout() / 1e6 or None,  # the client's timeout, in microseconds
                 )
                 if arrays["predicted_length"] is not None and inputs.predicted_length is None:
                     self.metrics.proxy_fallback()  # the proxy answered 0: it failed for this prompt
@@ -80,6 +84,15 @@ class TritonPythonModel:
                 self.metrics.rejected(str(exc).split(":", 1)[0])
                 (sink or TritonSink(request, 0)).error(str(exc))
         return None
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """The engine gave up after max_engine_restarts crashes. Triton 2.51 has no call that marks a
+        Python model not-ready, so stop the server gracefully (SIGTERM to tritonserver, our parent):
+        /v2/health/ready turns false at once and the orchestrator (compose restart policy, a k8s
+        probe) brings up a fresh one. Requests already failed with an error; none hangs."""
+        logging.getLogger("ssjf").critical("engine died (%s); stopping tritonserver so it is restarted", exc)
+        if os.environ.get("SSJF_EXIT_ON_ENGINE_DEATH", "1") != "0":
+            os.kill(os.getppid(), signal.SIGTERM)
 
     def finalize(self):
         self.engine.stop()
