@@ -22,11 +22,12 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # before anything opens a gRPC channel
 
+import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 
-from locust import LoadTestShape, User, between, task  # noqa: E402
+from locust import LoadTestShape, User, between, events, task  # noqa: E402
 
 from ssjf_client import SSJFClient  # noqa: E402
 
@@ -74,6 +75,7 @@ class SSJFUser(User):
     def generate(self):
         prompt, trace_len = random.choice(PROMPTS)
         start = time.time()
+        LEDGER["sent"] += 1
         if trace_len:
             r = self.client.generate(prompt, max_tokens=min(trace_len, self.max_tokens), ignore_eos=True)
         else:
@@ -84,6 +86,20 @@ class SSJFUser(User):
              response_length=0, exception=error, start_time=start)
         fire(request_type="grpc", name="jct", response_time=(r.jct_s or 0) * 1000,
              response_length=len(r.text), exception=error, start_time=start)
+        if r.ok:
+            LEDGER["ok"] += 1
+        else:
+            LEDGER["errors"][r.error] = LEDGER["errors"].get(r.error, 0) + 1
+
+
+# Every request sent, and how it ended: a final response (ok) or an error, by message. A request
+# sent but never answered was cut off at stop (see --stop-timeout) or hung.
+LEDGER: dict = {"sent": 0, "ok": 0, "errors": {}}
+
+
+@events.quitting.add_listener
+def _report_ledger(environment, **kw):
+    print("ssjf-ledger " + json.dumps(LEDGER), flush=True)  # one line `ssjf soak` parses
 
 
 def azure_user_curve(path: str, time_scale: float, peak_users: int, window_s: float = 60.0) -> list[tuple[float, int]]:

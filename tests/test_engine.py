@@ -337,3 +337,28 @@ def test_a_crashed_loop_fails_in_flight_requests_restarts_then_reports_death(tin
         assert len(deaths) == 1 and isinstance(engine.failure, AssertionError)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("bound", [{"starvation_s": 5.0, "max_passes": 0}, {"starvation_s": 0.0, "max_passes": 4}])
+def test_under_sustained_short_load_the_longest_wait_stays_within_the_bound(tiny_model, tokenizer, bound):
+    """SSJF at batch 1 with a new short job every step (each step is one second on a fake clock):
+    the long job is passed over, but only until the configured bound, by time or by passes."""
+    now = [0.0]
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, policy="ssjf", **bound)
+    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    ids = engine.encode_prompt("x")
+    long = Request("long", ids, max_tokens=2, sink=ListSink(), ignore_eos=True, predicted_length=500, arrival_time=0.0)
+    shorts = []
+    engine.add_request(long)
+    for t in range(30):
+        now[0] = float(t)
+        short = Request(f"s{t}", ids, max_tokens=1, sink=ListSink(), ignore_eos=True, predicted_length=1,
+                        arrival_time=now[0])
+        shorts.append(short)
+        engine.add_request(short)
+        engine.step()
+    assert long.first_token_time is not None
+    waits = [r.first_token_time - r.arrival_time for r in [long, *shorts] if r.first_token_time is not None]
+    limit = bound["starvation_s"] or bound["max_passes"]  # one arrival per second: passes ~ seconds
+    assert long.first_token_time - long.arrival_time <= limit + 1
+    assert max(waits) <= limit + 1

@@ -156,3 +156,11 @@ def test_pass_bound_counts_only_later_arrivals():
     assert q.pop().request_id == "second"  # passes "first" once
     q.add(req("third", 1))
     assert q.pop().request_id == "first"  # now starving: served before the shorter "third"
+
+
+def test_with_no_predictions_at_all_ssjf_is_fcfs():
+    """The proxy down for everyone: every request gets the fallback key, ties go by arrival."""
+    q = SSJFQueue()
+    for name in ["a", "b", "c", "d"]:
+        q.add(req(name, None))
+    assert drain(q) == ["a", "b", "c", "d"]

@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": ("ssjf_client.bench:main", "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy"),
     "bench-engine": ("ssjf.bench_engine:main", "engine tokens/s against transformers' generate and generate_batch"),
     "bench-overhead": ("ssjf_client.overhead:main", "Triton round trip minus the engine's own time, concurrency 1"),
+    "soak": ("ssjf_client.soak:main", "Locust for minutes at a multiple of measured capacity; memory and hangs"),
     "profile": ("ssjf.profile:main", "record the served LLM's own output lengths over a prompt set (resumable)"),
     "train-proxy": ("ssjf.train_proxy:main", "train a length-predictor artifact from prompt/response rows"),
     "eval-proxy": ("ssjf.eval_proxy:main", "Kendall tau, Spearman, MAE, bucket accuracy and latency of an artifact"),
