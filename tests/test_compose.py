@@ -36,3 +36,27 @@ def test_admin_apis_are_restricted_with_a_key_from_the_environment():
     assert "--http-restricted-api=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
     assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
     assert triton["environment"]["SSJF_ADMIN_KEY"].startswith("${SSJF_ADMIN_KEY:?")
+
+
+def test_replicas_profile_puts_two_gpu_replicas_behind_nginx():
+    services = COMPOSE["services"]
+    a, b, lb = services["triton"], services["triton-b"], services["lb"]
+    assert b["image"] == a["image"] and b["command"] == a["command"] and b["healthcheck"] == a["healthcheck"]
+    gpu = lambda s: s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]  # noqa: E731
+    assert gpu(a) != gpu(b)  # one GPU each
+    assert b["profiles"] == ["replicas"] and not b["ports"]  # reached through the balancer only
+    assert lb["image"].startswith("nginx:") and lb["profiles"] == ["replicas"]
+    assert all(lb["depends_on"][s]["condition"] == "service_healthy" for s in ("triton", "triton-b"))
+    assert sorted(lb["ports"]) == ["127.0.0.1:9000:8000", "127.0.0.1:9001:8001"]
+    mount = next(v for v in lb["volumes"] if v.endswith("/etc/nginx/nginx.conf:ro"))
+    conf = (Path(__file__).resolve().parents[1] / mount.split(":")[0]).read_text()
+    for port in ("8000", "8001"):
+        assert f"server triton:{port}" in conf and f"server triton-b:{port}" in conf
+    assert "grpc_pass grpc://triton_grpc" in conf and "least_conn" in conf and "http2 on" in conf
+    assert "proxy_buffering off" in conf  # generate_stream's events are not held back
+    assert "return 403" in conf  # the admin APIs are not routed
+
+
+def test_locust_can_target_the_balancer():
+    command = " ".join(COMPOSE["services"]["locust"]["command"])
+    assert "--host $${SSJF_TARGET:-triton:8001}" in command or "--host ${SSJF_TARGET:-triton:8001}" in command
