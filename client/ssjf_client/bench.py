@@ -50,12 +50,17 @@ class Job:
 
 # ---- workloads and arrivals ---------------------------------------------------------------
 def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bool, max_prompt_tokens: int,
-                  max_seq_len: int) -> list[tuple[str, int | None, int]]:
-    """(prompt, max_tokens or None, recorded length) for n rows sampled from data."""
+                  max_seq_len: int, split: str = "all") -> list[tuple[str, int | None, int]]:
+    """(prompt, max_tokens or None, recorded length) for n rows sampled from data. split="test"
+    keeps only prompts in the proxy's held-out split (train-proxy's default split), so the
+    predictions the server makes are on prompts the shipped artifacts never saw."""
     from ssjf.data import count_tokens, load_rows, parse_data_spec, response_lengths
+    from ssjf.eval_proxy import in_test_split
 
     path, models = parse_data_spec(data)
     rows = [r for r in load_rows(path, models) if r.response or r.length]
+    if split == "test":
+        rows = [r for r in rows if in_test_split(r.prompt, 0.2)]
     lengths = response_lengths(rows)
     prompt_tokens_of = count_tokens([r.prompt for r in rows])
     rng = np.random.default_rng(seed)
@@ -274,6 +279,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
     ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on later arrivals served first")
+    ap.add_argument("--split", choices=["all", "test"], default="test",
+                    help="test: only prompts the shipped proxy artifacts were not trained on")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
@@ -283,7 +290,7 @@ def main(argv=None) -> dict:
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
 
     spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
-                         args.max_prompt_tokens, args.max_seq_len)
+                         args.max_prompt_tokens, args.max_seq_len, args.split)
     lengths = [mt if mt is not None else n for _, mt, n in spec]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     policies = [p.strip() for p in args.policies.split(",")]
