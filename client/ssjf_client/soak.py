@@ -149,6 +149,7 @@ def main(argv=None) -> dict:
         "server_left_waiting": sum(v for k, v in after.items() if k.startswith("ssjf_queue_depth")),
         "server_left_running": sum(v for k, v in after.items() if k.startswith("ssjf_running_batch")),
         "server_requests": delta("ssjf_requests_total"), "server_rejections": delta("ssjf_rejections_total"),
+        "server_tokens_per_s": sum(delta("ssjf_generated_tokens_total").values()) / (args.minutes * 60),
         "jct_p50_ms": float(jct["50%"]), "jct_p99_ms": float(jct["99%"]),
         "rss_mb_after_warmup": base, "rss_mb_end": last, "rss_mb_max": max(r for _, r in samples),
         "rss_growth_pct": 100.0 * (last - base) / base if base else None,
