@@ -37,3 +37,19 @@ def test_bad_inputs_name_the_field(arrays, field):
 def test_non_positive_prediction_means_unknown():
     p = parse_llm_inputs({"text_input": text("hi"), "predicted_length": np.array([[0]], np.int32)})
     assert p.predicted_length is None
+
+
+def test_request_parameters_are_refused_by_name():
+    from ssjf.serving import check_parameters
+
+    check_parameters("{}")
+    check_parameters(None)
+    with pytest.raises(RequestError, match="^parameters: unknown request parameter\\(s\\) 'max_token', 'top_k'"):
+        check_parameters('{"top_k": 5, "max_token": 3}')
+
+
+def test_an_oversized_prompt_is_refused_before_decoding():
+    big = np.array([[b"x" * 1001]], dtype=np.object_)
+    with pytest.raises(RequestError, match="^text_input: 1001 bytes is over the limit of 1000"):
+        parse_llm_inputs({"text_input": big}, max_prompt_bytes=1000)
+    assert parse_llm_inputs({"text_input": big}).text == "x" * 1001  # 0: no limit

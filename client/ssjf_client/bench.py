@@ -279,8 +279,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
     ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on later arrivals served first")
-    ap.add_argument("--split", choices=["all", "test"], default="test",
-                    help="test: only prompts the shipped proxy artifacts were not trained on")
+    ap.add_argument("--split", choices=["all", "test"], default="all",
+                    help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
+                         "shipped artifacts never saw); all: every row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")

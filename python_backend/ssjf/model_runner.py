@@ -47,7 +47,7 @@ def prefill_width(longest: int, limit: int) -> int:
     rungs per doubling: 80, 96, 112, 128, 160, ...). Two dozen shapes instead of one per prompt
     length: on CPU every new prefill width left memory behind (allocator and kernel caches), and
     resident memory crept up without bound under a real prompt mix; with the ladder it levels
-    off. The padding adds at most a quarter to the prefill work (right padding under a causal
+    off. Past 64 tokens the padding adds at most a quarter to the prefill work (right padding under a causal
     mask, so results are unchanged)."""
     width = 16
     while width < longest:
