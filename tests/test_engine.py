@@ -372,3 +372,34 @@ def test_prefill_widths_come_from_a_small_fixed_ladder():
     assert all(n <= prefill_width(n, 2048) <= max(16, 2 * n) for n in range(1, 65))
     assert all(n <= prefill_width(n, 2048) <= 1.25 * n for n in range(65, 2049))
     assert prefill_width(3000, 2048) == 3000  # over the limit: the caller rejects it; never truncated here
+
+
+class CountingSink(ListSink):
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+
+    def is_cancelled(self):
+        self.checks += 1
+        return self.cancelled
+
+
+def test_waiting_requests_are_checked_for_cancellation_sparingly(tiny_model, tokenizer):
+    """Each check is an IPC call in Triton: the waiting queue is scanned every 10 s, not every step;
+    a cancelled waiting request still never reaches prefill."""
+    now = [0.0]
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1)
+    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    first = Request("a", engine.encode_prompt("a"), max_tokens=100, sink=ListSink(), ignore_eos=True)
+    waiting = Request("b", engine.encode_prompt("b"), max_tokens=4, sink=CountingSink(), ignore_eos=True)
+    engine.add_request(first)
+    engine.add_request(waiting)
+    for t in range(9):  # nine seconds, a step each
+        now[0] = float(t)
+        engine.step()
+    assert waiting.sink.checks == 1  # the scan at t=0 only
+    waiting.sink.cancelled = True
+    now[0] = 10.0
+    engine.step()
+    assert waiting.status is RequestStatus.ABORTED and waiting.sink.errors == ["request cancelled"]
+    assert waiting.output_ids == []

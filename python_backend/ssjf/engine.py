@@ -53,6 +53,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._next_waiting_scan = 0.0
+        self._next_cancel_scan = 0.0
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None  # set when the engine gave up
         self.crashes = 0
@@ -275,18 +276,23 @@ class Engine:
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
                 self._retire(req)
 
-    def _scan_waiting(self, interval_s: float = 1.0) -> None:
-        """About once a second, the waiting queue loses cancelled and expired requests (each
-        cancellation check is an IPC round trip in Triton, and the queue can be long)."""
+    def _scan_waiting(self, expiry_s: float = 1.0, cancel_s: float = 10.0) -> None:
+        """The waiting queue loses expired requests about once a second (a clock comparison) and
+        cancelled ones every `cancel_s`: each cancellation check is an IPC round trip in Triton, and
+        the queue can be long. A cancelled request is also caught just before its prefill, so it
+        never takes a slot; this scan only frees queue places."""
         now = self.clock()
         if now < self._next_waiting_scan:
             return
-        self._next_waiting_scan = now + interval_s
+        self._next_waiting_scan = now + expiry_s
+        check_cancel = now >= self._next_cancel_scan
+        if check_cancel:
+            self._next_cancel_scan = now + cancel_s
         for req in list(self.scheduler.waiting):
             if req.deadline is not None and now > req.deadline:
                 if self.scheduler.remove_waiting(req):
                     self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
-            elif req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
+            elif check_cancel and req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
 
     def _fail_all(self, message: str) -> None:
