@@ -91,8 +91,14 @@ class TritonPythonModel:
         /v2/health/ready turns false at once and the orchestrator (compose restart policy, a k8s
         probe) brings up a fresh one. Requests already failed with an error; none hangs."""
         logging.getLogger("ssjf").critical("engine died (%s); stopping tritonserver so it is restarted", exc)
-        if os.environ.get("SSJF_EXIT_ON_ENGINE_DEATH", "1") != "0":
-            os.kill(os.getppid(), signal.SIGTERM)
+        parent = os.getppid()
+        try:
+            is_triton = b"tritonserver" in open(f"/proc/{parent}/cmdline", "rb").read()
+        except OSError:
+            is_triton = False
+        # never signal anything else (an orphaned stub's parent is init)
+        if os.environ.get("SSJF_EXIT_ON_ENGINE_DEATH", "1") != "0" and is_triton:
+            os.kill(parent, signal.SIGTERM)
 
     def finalize(self):
         self.engine.stop()
