@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,3 +108,16 @@ class SSJFClient:
             if final is not None and final.bool_param:
                 result.jct_s = at - start
                 return result
+
+
+def scrape_metrics(metrics_url: str, prefix: str = "ssjf_") -> dict[str, float]:
+    """Triton's Prometheus text at `metrics_url` (http://host:port) as {'name{labels}': value},
+    the series whose name starts with `prefix`."""
+    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values

@@ -14,24 +14,19 @@ noise of CPU generation from the difference.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import urllib.request
 
 import tritonclient.grpc as grpcclient
 
-from .client import SSJFClient
+from .client import SSJFClient, scrape_metrics
 from ssjf.report import emit
 
 PROMPT = "What is the capital of France?"
-_JCT = re.compile(r'^ssjf_jct_seconds_(sum|count)\{[^}]*\} (\S+)$', re.M)
-
-
 def scrape_jct(metrics_url: str) -> tuple[float, float]:
-    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {k: float(v) for k, v in _JCT.findall(text)}
-    return values.get("sum", 0.0), values.get("count", 0.0)
+    """The server's JCT histogram: (sum of seconds, count) over its labels."""
+    values = scrape_metrics(metrics_url, "ssjf_jct_seconds_")
+    total = lambda part: sum(v for k, v in values.items() if k.startswith(f"ssjf_jct_seconds_{part}"))  # noqa: E731
+    return total("sum"), total("count")
 
 
 def proxy_compute(stats_client) -> tuple[float, int]:

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from .client import scrape_metrics
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
 
@@ -48,16 +49,6 @@ def tree_rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total
-
-
-def scrape(metrics_url: str) -> dict[str, float]:
-    out = {}
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-    return out
 
 
 def run_locust(grpc_url: str, users: int, seconds: float, rate: float, csv_prefix: Path, env: dict) -> dict:
@@ -105,7 +96,7 @@ def main(argv=None) -> dict:
     config = ServerConfig.on_free_ports()
     report: dict = {"command": "ssjf soak " + " ".join(argv if argv is not None else sys.argv[1:]), "args": vars(args)}
     with TritonServer(config, env=server_env, log_path=out.with_suffix(".tritonserver.log")) as server:
-        metrics_url = f"http://{config.host}:{config.metrics_port}/metrics"
+        metrics_url = f"http://{config.host}:{config.metrics_port}"
         capacity = args.capacity
         if not capacity:
             cal = run_locust(server.grpc_url, 32, args.calibrate_s, 1000.0, out.with_suffix(".calibrate"), env)
@@ -122,7 +113,7 @@ def main(argv=None) -> dict:
                 samples.append((time.monotonic() - t0, tree_rss_mb(server.proc.pid)))
                 stop.wait(args.sample_s)
 
-        before = scrape(metrics_url)
+        before = scrape_metrics(metrics_url)
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         print(f"soak: {args.minutes:.0f} min at {rate:.2f} req/s ({args.load}x capacity), {args.users} users",
@@ -131,7 +122,7 @@ def main(argv=None) -> dict:
         stop.set()
         sampler.join()
         time.sleep(2)
-        after = scrape(metrics_url)
+        after = scrape_metrics(metrics_url)
         ready = server.proc.poll() is None
 
     def delta(prefix: str) -> dict[str, float]:

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 
 from ssjf.server import is_ready
 from ssjf_client import SSJFClient
-from ssjf_client.client import build_inputs
+from ssjf_client.client import build_inputs, scrape_metrics
 
 
 def post(url, body, timeout=60):
@@ -270,14 +270,7 @@ def _pred(value):
 
 
 def _metrics(server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("ssjf_"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return scrape_metrics(f"http://127.0.0.1:{server.config.metrics_port}")
 
 
 def test_metrics_move_with_traffic(server):
