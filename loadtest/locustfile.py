@@ -104,11 +104,9 @@ def _report_ledger(environment, **kw):
 
 def azure_user_curve(path: str, time_scale: float, peak_users: int, window_s: float = 60.0) -> list[tuple[float, int]]:
     """(end of step in seconds, users) following the trace's arrivals per window, time-compressed."""
-    import csv
-    import datetime
+    from ssjf.data import load_arrival_times
 
-    with open(path) as f:
-        stamps = sorted(datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp() for r in csv.DictReader(f))
+    stamps = load_arrival_times(path)
     start = stamps[0]
     counts: dict[int, int] = {}
     for t in stamps:

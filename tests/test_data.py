@@ -64,3 +64,13 @@ def test_response_lengths_prefer_the_recorded_length(tokenizer):
     rows = [Row("p", response="Hello there, world!"), Row("q", length=7), Row("r", response="")]
     assert response_lengths(rows) == [len(tokenizer.encode("Hello there, world!", add_special_tokens=False)), 7, 1]
     assert count_tokens([]) == []
+
+
+def test_arrival_times_from_an_azure_trace(tmp_path):
+    from ssjf.data import load_arrival_times
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:15:47.1000000,10,5\n2023-11-16 18:15:46.6805900,10,5\n")
+    stamps = load_arrival_times(str(trace))
+    assert stamps == sorted(stamps) and abs((stamps[1] - stamps[0]) - 0.41941) < 1e-3

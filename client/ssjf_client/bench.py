@@ -19,8 +19,6 @@ least one request in the system, and the time-averaged number in the system.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import threading
@@ -89,11 +87,9 @@ def arrival_times(kind: str, n: int, rate: float, seed: int, cv: float = 2.0, tr
         shape = 1.0 / cv**2
         gaps = rng.gamma(shape, 1.0 / (rate * shape), n - 1)
     elif kind == "azure":
-        stamps = []
-        with open(trace) as f:
-            for row in csv.DictReader(f):
-                stamps.append(datetime.datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp())
-        stamps = np.array(sorted(stamps))[trace_offset : trace_offset + n]
+        from ssjf.data import load_arrival_times
+
+        stamps = np.array(load_arrival_times(trace))[trace_offset : trace_offset + n]
         if len(stamps) < n:
             raise SystemExit(f"the trace has fewer than {n} arrivals after offset {trace_offset}")
         gaps = np.diff(stamps)

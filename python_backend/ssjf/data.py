@@ -13,6 +13,8 @@ Formats (chosen by content, so users point `--data` at their own files):
 
 from __future__ import annotations
 
+import csv
+import datetime
 import functools
 import json
 from dataclasses import dataclass
@@ -118,3 +120,11 @@ def response_lengths(rows: list[Row], tokenizer: str = "smollm2") -> list[int]:
     """Each row's output length: its recorded `length`, else its response's token count (at least 1)."""
     counted = count_tokens([r.response or "" for r in rows], tokenizer)
     return [r.length if r.length is not None else max(1, n) for r, n in zip(rows, counted)]
+
+
+def load_arrival_times(path: str) -> list[float]:
+    """Request arrival times (epoch seconds, sorted) from an Azure LLM inference trace CSV
+    (`TIMESTAMP` column, e.g. 2023-11-16 18:15:46.6805900)."""
+    with open(path) as f:
+        # the trace has 7 fractional digits; fromisoformat takes at most 6
+        return sorted(datetime.datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp() for row in csv.DictReader(f))
