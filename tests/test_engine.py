@@ -269,13 +269,14 @@ def test_requests_past_their_deadline_end_with_an_error(tiny_model, tokenizer):
     config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, request_timeout_s=100)
     engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
     running = Request("run", engine.encode_prompt("a"), max_tokens=200, sink=ListSink(), ignore_eos=True,
-                      arrival_time=0.0, timeout_s=5.0)
+                      arrival_time=0.0)
     waiting = Request("wait", engine.encode_prompt("b"), max_tokens=4, sink=ListSink(), ignore_eos=True,
                       arrival_time=0.0)
     later = Request("later", engine.encode_prompt("c"), max_tokens=4, sink=ListSink(), ignore_eos=True,
                     arrival_time=0.0)
+    engine.check(running, timeout_s=5.0)  # the client asked for 5 s
+    engine.check(waiting)
     for r in (running, waiting):
-        engine.check(r)
         engine.add_request(r)
     assert running.deadline == 5.0 and waiting.deadline == 100.0  # the shorter of the client's and ours
     engine.step()

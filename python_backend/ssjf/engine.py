@@ -68,8 +68,9 @@ class Engine:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer.encode(text)
 
-    def check(self, req: Request) -> None:
-        """Validate against the queue bound and the context; max_tokens None gets the default. Raises RequestError."""
+    def check(self, req: Request, timeout_s: float | None = None) -> None:
+        """Validate against the queue bound and the context; max_tokens None gets the default; the
+        deadline is the client's timeout or request_timeout_s, whichever is shorter. Raises RequestError."""
         waiting = len(self._inbox) + len(self.scheduler.waiting)
         if waiting >= self.config.max_waiting:
             raise RequestError(f"queue full: {waiting} requests are waiting (max_waiting={self.config.max_waiting})")
@@ -80,7 +81,7 @@ class Engine:
             raise RequestError(
                 f"text_input: the prompt has {req.prompt_len} tokens; the context holds {self.max_seq_len}"
             )
-        bounds = [t for t in (req.timeout_s, self.config.request_timeout_s) if t]
+        bounds = [t for t in (timeout_s, self.config.request_timeout_s) if t]
         req.deadline = req.arrival_time + min(bounds) if bounds else None
         if req.max_tokens is None:
             req.max_tokens = min(self.config.default_max_tokens, room)
@@ -164,10 +165,8 @@ class Engine:
             new_tokens += self._postprocess(done, tokens)
         running = [r for r in self.scheduler.running if not r.is_done]
         if running:
-            compact = all(r.slot == i for i, r in enumerate(running))
             done, tokens = self._generate(running, lambda rs: self.runner.decode(
-                [r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
-                None if compact and rs is running else [r.slot for r in rs]))
+                [r.output_ids[-1] for r in rs], [r.num_cached for r in rs], [r.slot for r in rs]))
             for req in done:
                 req.num_cached += 1
             new_tokens += self._postprocess(done, tokens)
@@ -307,7 +306,7 @@ class Engine:
             for req in list(self.scheduler.waiting):
                 self.scheduler.remove_waiting(req)
         except Exception:
-            log.exception("the scheduler could not be emptied; it is replaced")
+            log.exception("the scheduler could not be emptied")
 
     # ---- synchronous use (benchmarks, tests) -------------------------------------------
     def run_until_idle(self) -> None:

@@ -179,7 +179,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
-        """One token for each of slots 0..B-1 (or the given slots) at its position; returns logits [B, vocab]."""
+        """One token for each request in `slots` (default 0..B-1) at its position; returns logits [B, vocab].
+        The engine keeps running requests in slots 0..B-1, so attention reads the cache through a
+        view; other slot lists (a failed batch retried one request at a time) gather their rows."""
         b = len(tokens)
         compact = slots is None or list(slots) == list(range(b))
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -195,9 +197,9 @@ class ModelRunner:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.k_cache[i][rows, :, pos] = k[:, :, 0]
             self.v_cache[i][rows, :, pos] = v[:, :, 0]
-            if compact:  # the running requests are kept in slots 0..B-1: a view, no copy
+            if compact:
                 keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
-            else:  # a retry of single requests: gather their rows
+            else:
                 keys, values = self.k_cache[i, rows, :, :span], self.v_cache[i, rows, :, :span]
             # One query per sequence: fold the query heads of a KV group into the "length" axis.
             out = F.scaled_dot_product_attention(

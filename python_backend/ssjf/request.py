@@ -40,7 +40,6 @@ class Request:
     stream: bool = True
     predicted_length: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    timeout_s: float | None = None  # the client's timeout; the engine adds its own bound
     deadline: float | None = None  # clock time by which it must end (set by Engine.check)
     seq: int = field(default_factory=lambda: next(_arrivals))  # arrival order, breaks ties
     status: RequestStatus = RequestStatus.WAITING

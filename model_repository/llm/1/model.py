@@ -74,11 +74,10 @@ class TritonPythonModel:
                     stream=inputs.stream,
                     predicted_length=inputs.predicted_length,
                     arrival_time=arrived,
-                    timeout_s=request.timeout() / 1e6 or None,  # the client's timeout, in microseconds
                 )
                 if arrays["predicted_length"] is not None and inputs.predicted_length is None:
                     self.metrics.proxy_fallback()  # the proxy answered 0: it failed for this prompt
-                self.engine.check(req)
+                self.engine.check(req, timeout_s=request.timeout() / 1e6)  # the client's timeout, in µs; 0: none
                 self.engine.add_request(req)
             except RequestError as exc:
                 self.metrics.rejected(str(exc).split(":", 1)[0])
