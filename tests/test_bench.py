@@ -1,5 +1,7 @@
 """Benchmark harness pieces: arrival processes and the metrics, on synthetic data."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,13 @@ def test_markdown_table_compares_to_fcfs():
                                      "ssjf": {"mean_jct_s": 1.0, "completed": 2, "failed": 0}}}]}
     md = markdown(report)
     assert "| ssjf |" in md and "0.50x" in md
+
+
+def test_aiperf_input_is_the_same_replay(tmp_path):
+    from ssjf_client.bench import write_aiperf_input
+
+    path = tmp_path / "in.jsonl"
+    write_aiperf_input(str(path), [("hi", 7, 7), ("a longer one", None, 30)], [0.0, 1.2345])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"text": "hi", "timestamp": 0.0, "output_length": 7},
+                    {"text": "a longer one", "timestamp": 1234.5}]

@@ -66,3 +66,40 @@ def test_shipped_artifacts_load_and_carry_metadata():
         for key in ("objective", "encoder", "tokenizer", "target_model", "bucket_edges", "test_metrics", "data"):
             assert key in p.meta, (name, key)
         assert p.predict(["Write a long story about a dragon."])[0] >= 1
+
+
+def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
+    """Fine-tuning trains low-rank adapters end to end; the artifact carries them (small) and the
+    serving encoder, with them merged into its weights, embeds exactly as the adapted one did."""
+    import torch
+
+    from ssjf.proxy import ADAPTER, Encoder
+
+    out = tmp_path / "ft.npz"
+    results = train(["--data", str(synthetic), "--name", str(out), "--objective", "regression", "--encoder-layers",
+                     "1", "--condition-on-model", "--target-model", "verbose", "--test-fraction", "0.3",
+                     "--epochs", "80", "--finetune-rank", "4", "--finetune-epochs", "3"])
+    assert results["regression+finetune"]["kendall_tau"] > 0.5, results
+    p = LengthPredictor(str(out))
+    assert p.meta["objective"] == "regression+finetune" and p.meta["finetune"]["rank"] == 4
+    with np.load(out) as d:
+        adapters = {k: d[k] for k in d.files if k.startswith(ADAPTER)}
+    assert any(k.endswith(".a") for k in adapters) and any(k.endswith(".weight") for k in adapters)
+    assert sum(v.nbytes for v in adapters.values()) < 200_000
+    short, long = p.predict(["Answer yes or no: is jazz blue?", "Write a detailed essay about the history of jazz."])
+    assert 1 <= short < long
+
+    texts = ["Name one fact about jazz.", "Write a detailed essay about the history of jazz, please."]
+    adapted = Encoder("minilm", layers=1)
+    adapted.add_adapters(4)
+    torch.manual_seed(1)
+    for name, prm in adapted.model.named_parameters():
+        if prm.requires_grad:
+            prm.data.add_(torch.randn_like(prm) * 0.05)  # adapters and norms away from identity
+    with torch.no_grad():
+        want = adapted.forward(texts)[0]
+    merged = Encoder("minilm", layers=1)
+    merged.load_adapters({k: v.astype(np.float32) for k, v in adapted.adapter_arrays().items()})
+    got = merged.forward(texts)[0]
+    assert not torch.allclose(want, Encoder("minilm", layers=1).forward(texts)[0], atol=1e-3)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

@@ -203,6 +203,17 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     return summarize(jobs, out_lengths), jobs
 
 
+def write_aiperf_input(path: str, spec, times) -> None:
+    """The replay as aiperf's single_turn JSONL: text, timestamp (ms, for --fixed-schedule) and
+    output_length (max_tokens; omitted in natural mode)."""
+    with open(path, "w") as f:
+        for (prompt, max_tokens, _), t in zip(spec, times):
+            rec = {"text": prompt, "timestamp": round(float(t) * 1000, 3)}
+            if max_tokens is not None:
+                rec["output_length"] = int(max_tokens)
+            f.write(json.dumps(rec) + "\n")
+
+
 def markdown(report: dict) -> str:
     cols = ["mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_ttft_s", "p99_ttft_s", "mean_norm_latency_s_per_tok",
             "throughput_rps", "throughput_tok_s", "busy_fraction", "completed", "failed"]
@@ -282,6 +293,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
     ap.add_argument("--plots", help="folder for PNG plots (JCT CDF, JCT and TTFT against rate)")
+    ap.add_argument("--aiperf-input", help="also write this replay (first rate) as an aiperf single_turn JSONL: the "
+                                           "same prompts, arrival times and max_tokens, for an outside cross-check")
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
     args = ap.parse_args(argv)
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
@@ -295,6 +308,9 @@ def main(argv=None) -> dict:
     config["mean_max_tokens"] = float(np.mean(lengths))
     report = {"config": config, "metrics": __doc__.split("Metrics", 1)[1].strip(), "runs": []}
     all_jobs = {}
+    if args.aiperf_input:
+        write_aiperf_input(args.aiperf_input, spec, arrival_times(args.arrivals, args.num_requests, rates[0], args.seed,
+                                                                   args.cv, args.azure_trace, args.trace_offset))
     for batching in [b.strip() for b in args.batching.split(",")]:
         for rate in rates:
             times = arrival_times(args.arrivals, args.num_requests, rate, args.seed, args.cv, args.azure_trace,

@@ -8,7 +8,10 @@ prompt, a predicted log length, so serving is the same for all of them.
 
 An artifact is one .npz file: the head's arrays plus `meta`, a JSON string naming the
 encoder (and how many of its layers), the tokenizer lengths were counted with, the
-target model, the data and the test metrics.
+target model, the data and the test metrics. A fine-tuned encoder travels as low-rank
+adapters (`adapter.<module>.a`/`.b` for each linear layer, `adapter.<module>.weight`/`.bias`
+for each LayerNorm): a few hundred KB, merged into the packaged encoder's weights at load,
+so serving costs the same as the frozen encoder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ from .assets import cache_dir, resolve_encoder
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 DEFAULT_ARTIFACT = "smollm2"
+ADAPTER = "adapter."
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer plus a trainable low-rank update b @ a (b starts at zero)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
+        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.T) @ self.b.T
 
 
 def resolve_artifact(name: str) -> Path:
@@ -46,6 +63,7 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.name, self.max_length, self.layers, self.dtype_name = name, max_length, layers, dtype
+        self.adapted = ""  # names the merged adapters, so cached embeddings never mix encoders
         path = resolve_encoder(name)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -65,9 +83,51 @@ class Encoder:
                 return obj
         raise ValueError(f"cannot find the layer stack of {type(self.model).__name__} to truncate")
 
+    def add_adapters(self, rank: int) -> list[torch.nn.Parameter]:
+        """Freeze the encoder, wrap every linear layer of its layer stack in a LoRALinear and
+        unfreeze the stack's LayerNorms; returns the trainable parameters."""
+        for p in self.model.parameters():
+            p.requires_grad = False
+        stack = self._layer_stack()
+        for name, module in list(stack.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(stack.get_submodule(parent_name), attr, LoRALinear(module, rank))
+            elif isinstance(module, torch.nn.LayerNorm):
+                for p in module.parameters():
+                    p.requires_grad = True
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapter_arrays(self) -> dict[str, np.ndarray]:
+        """The trained adapters as artifact arrays (float16 low-rank factors, float32 norms)."""
+        out = {}
+        for name, module in self._layer_stack().named_modules():
+            if isinstance(module, LoRALinear):
+                out[f"{ADAPTER}{name}.a"] = module.a.detach().numpy().astype(np.float16)
+                out[f"{ADAPTER}{name}.b"] = module.b.detach().numpy().astype(np.float16)
+            elif isinstance(module, torch.nn.LayerNorm):
+                out[f"{ADAPTER}{name}.weight"] = module.weight.detach().numpy().astype(np.float32)
+                out[f"{ADAPTER}{name}.bias"] = module.bias.detach().numpy().astype(np.float32)
+        return out
+
+    @torch.no_grad()
+    def load_adapters(self, arrays: dict[str, np.ndarray]) -> None:
+        """Merge trained adapters into the weights: W += b @ a for linear layers, norms replaced."""
+        stack = self._layer_stack()
+        for key, value in arrays.items():
+            name, _, part = key[len(ADAPTER):].rpartition(".")
+            if part == "b":
+                continue
+            module = stack.get_submodule(name)
+            if part == "a":
+                delta = torch.from_numpy(arrays[f"{ADAPTER}{name}.b"]).float() @ torch.from_numpy(value).float()
+                module.weight.copy_((module.weight.float() + delta.to(module.weight.device)).to(module.weight.dtype))
+            else:
+                getattr(module, part).copy_(torch.from_numpy(value).to(module.weight.dtype))
+
     @property
     def key(self) -> str:
-        return f"{self.name}|{self.layers}|{self.max_length}|{self.dtype_name}"
+        return f"{self.name}|{self.layers}|{self.max_length}|{self.dtype_name}" + (f"|{self.adapted}" if self.adapted else "")
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled embeddings (with grad when training) and untruncated prompt lengths; one tokenization."""
@@ -163,9 +223,15 @@ class LengthPredictor:
         with np.load(self.path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         self.meta = json.loads(str(arrays.pop("meta")))
+        adapters = {k: arrays.pop(k) for k in list(arrays) if k.startswith(ADAPTER)}
         self.head = Head(arrays)
         enc = self.meta["encoder"]
-        self.encoder = encoder or Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"])
+        if encoder is None:
+            encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"])
+            if adapters:
+                encoder.load_adapters(adapters)
+                encoder.adapted = self.path.name + ":" + hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]
+        self.encoder = encoder
         self.models: list[str] = self.meta.get("models", [])
         self.target_model = self.meta.get("target_model", "")
         self.max_prediction = int(self.meta.get("max_prediction", 8192))

@@ -7,7 +7,10 @@ Objectives (on the same features, one small MLP):
   ranking         pairwise logistic loss (RankNet) on random pairs; a linear map of the
                   score to log length is fitted afterwards.
 `--objective auto` trains all three and keeps the one with the best Kendall tau on a
-validation split. Rows are split by prompt (a hash of its text), never by row: the same
+validation split. `--finetune-rank R` then trains the encoder too, end to end with the
+chosen objective: low-rank adapters (rank R) on every linear layer of the kept layers, and
+their LayerNorms, starting from the trained head; the epoch with the best validation tau is
+kept, and the adapters ship inside the artifact. Rows are split by prompt (a hash of its text), never by row: the same
 prompt never sits in two splits, whichever models answered it.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
 from .eval_proxy import in_test_split, proxy_metrics
-from .proxy import ARTIFACT_DIR, Encoder, Head, features, save_artifact
+from .proxy import ADAPTER, ARTIFACT_DIR, Encoder, Head, features, save_artifact
 
 OBJECTIVES = ("regression", "classification", "ranking")
 
@@ -45,6 +49,25 @@ def _arrays(net, mean, std) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _loss(objective: str, pred: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """pred: the net's output for a batch; t: log lengths; labels: bucket per row (classification)."""
+    if objective == "regression":
+        return torch.nn.functional.mse_loss(pred[:, 0], t)
+    if objective == "classification":
+        return torch.nn.functional.cross_entropy(pred, labels)
+    s = pred[:, 0]  # ranking: every pair in the batch whose lengths differ
+    diff_t = t[:, None] - t[None, :]
+    pairs = diff_t.abs() > 0.05
+    if not pairs.any():
+        return s.sum() * 0.0
+    return torch.nn.functional.softplus(-torch.sign(diff_t) * (s[:, None] - s[None, :]))[pairs].mean()
+
+
+def _bucket_labels(arrays: dict[str, np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Classification labels: each log length's bucket under the edges the head was trained with."""
+    return np.digitize(y, arrays["edges"])
+
+
 def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              hidden: int = 256, epochs: int = 60, lr: float = 1e-3, weight_decay: float = 1e-4,
              seed: int = 0) -> tuple[dict[str, np.ndarray], float]:
@@ -58,6 +81,7 @@ def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_
     if objective == "classification":
         edges = np.quantile(y, np.linspace(0, 1, 11)[1:-1])
         labels = torch.tensor(np.digitize(y, edges))
+        extra["edges"] = edges.astype(np.float32)
         extra["centers"] = np.array([np.median(y[labels.numpy() == k]) if (labels.numpy() == k).any() else 0.0
                                      for k in range(len(edges) + 1)], dtype=np.float32)
         out = len(edges) + 1
@@ -71,25 +95,13 @@ def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_
         net.train()
         for idx in np.array_split(rng.permutation(len(x)), max(1, len(x) // batch)):
             idx_t = torch.tensor(idx)
-            pred = net(xt[idx_t])
-            if objective == "regression":
-                loss = torch.nn.functional.mse_loss(pred[:, 0], yt[idx_t])
-            elif objective == "classification":
-                loss = torch.nn.functional.cross_entropy(pred, labels[idx_t])
-            else:  # every pair in the batch whose lengths differ
-                s, t = pred[:, 0], yt[idx_t]
-                diff_t = t[:, None] - t[None, :]
-                pairs = diff_t.abs() > 0.05
-                sign = torch.sign(diff_t)
-                loss = torch.nn.functional.softplus(-sign * (s[:, None] - s[None, :]))[pairs].mean()
+            loss = _loss(objective, net(xt[idx_t]), yt[idx_t], labels[idx_t] if objective == "classification" else None)
             opt.zero_grad()
             loss.backward()
             opt.step()
         arrays = {**_arrays(net.eval(), mean, std), **extra}
         if objective == "ranking":
-            score = Head(arrays).predict_log(x)
-            a, b = np.polyfit(score, y, 1)
-            arrays["calib"] = np.array([a, b], dtype=np.float32)
+            _calibrate(arrays, x, y)
         tau = float(stats.kendalltau(Head(arrays).predict_log(x_val), y_val).statistic)
         if tau > best + 1e-4:
             best, best_state, patience = tau, arrays, 0
@@ -98,6 +110,94 @@ def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_
             if patience >= 8:
                 break
     return best_state, best
+
+
+def _calibrate(arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> None:
+    """Ranking: map the score to log length linearly (least squares on the training rows)."""
+    arrays.pop("calib", None)
+    a, b = np.polyfit(Head(arrays).predict_log(x), y, 1)
+    arrays["calib"] = np.array([a, b], dtype=np.float32)
+
+
+def _net_from(arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+    n = int(arrays["num_layers"])
+    ws = [(torch.tensor(arrays[f"w{i}"].T.copy()), torch.tensor(arrays[f"b{i}"].copy())) for i in range(n)]
+    net = _net(ws[0][0].shape[1], ws[0][0].shape[0] if n > 1 else 0, ws[-1][0].shape[0])
+    for lin, (w, b) in zip([m for m in net if isinstance(m, torch.nn.Linear)], ws):
+        lin.weight.data.copy_(w)
+        lin.bias.data.copy_(b)
+    return net
+
+
+def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, prompts: list[str], y: np.ndarray,
+             train: np.ndarray, val: np.ndarray, model_ids: np.ndarray | None, num_models: int, rank: int,
+             epochs: int = 12, lr: float = 2e-3, batch: int = 32, seed: int = 0,
+             log=print) -> tuple[dict[str, np.ndarray], float]:
+    """Train adapters in `encoder` (float32) and the head end to end, from the head in `arrays`.
+    Rows are grouped by prompt: one encoder pass per prompt feeds all its rows (answering models).
+    Returns (head arrays + adapter arrays of the best epoch by validation tau, that tau)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = encoder.add_adapters(rank)
+    net = _net_from(arrays)
+    mean, std = torch.tensor(arrays["mean"]), torch.tensor(arrays["std"])
+    extra = {k: arrays[k] for k in ("edges", "centers") if k in arrays}
+    labels = _bucket_labels(arrays, y) if objective == "classification" else None
+    unique = sorted(set(prompts))
+    pid = {p: i for i, p in enumerate(unique)}
+    rows_of: dict[int, list[int]] = {}
+    for i in np.flatnonzero(train):
+        rows_of.setdefault(pid[prompts[i]], []).append(i)
+    prompt_ids = np.array(sorted(rows_of))
+    ntok = {i: len(unique[i]) for i in prompt_ids}
+    opt = torch.optim.AdamW(params + list(net.parameters()), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(prompt_ids) / batch)
+    step = 0
+
+    def rows_features(emb: torch.Tensor, plen: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        parts = [emb, torch.log1p(plen)[:, None]]
+        if num_models:
+            parts.append(torch.nn.functional.one_hot(torch.tensor(model_ids[rows]), num_models).float())
+        return (torch.cat(parts, 1) - mean) / std
+
+    def embed_rows(rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            emb, plen = encoder.encode([prompts[i] for i in rows])
+        return features(emb, plen, model_ids[rows] if num_models else None, num_models)
+
+    best, best_arrays = -2.0, None
+    for epoch in range(epochs):
+        t0 = time.time()
+        encoder.model.train()
+        net.train()
+        perm = rng.permutation(prompt_ids)
+        for start in range(0, len(perm), batch * 8):  # similar lengths together inside each chunk
+            chunk = sorted(perm[start : start + batch * 8], key=ntok.get)
+            for b in range(0, len(chunk), batch):
+                ids = chunk[b : b + batch]
+                emb, plen = encoder.forward([unique[i] for i in ids])
+                where = [(j, r) for j, i in enumerate(ids) for r in rows_of[i]]
+                rows = np.array([r for _, r in where])
+                pred = net(rows_features(emb[[j for j, _ in where]], plen[[j for j, _ in where]], rows))
+                loss = _loss(objective, pred, torch.tensor(y[rows], dtype=torch.float32),
+                             torch.tensor(labels[rows]) if labels is not None else None)
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                step += 1
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        encoder.model.eval()
+        head = {**_arrays(net.eval(), arrays["mean"], arrays["std"]), **extra}
+        val_rows = np.flatnonzero(val)
+        if objective == "ranking":
+            sample = rng.choice(np.flatnonzero(train), min(2000, int(train.sum())), replace=False)
+            _calibrate(head, embed_rows(sample), y[sample])
+        tau = float(stats.kendalltau(Head(head).predict_log(embed_rows(val_rows)), y[val_rows]).statistic)
+        log(f"  finetune epoch {epoch}: val tau {tau:.3f} ({time.time() - t0:.0f}s)")
+        if tau > best + 1e-4:
+            best, best_arrays = tau, {**head, **encoder.adapter_arrays()}
+    return best_arrays, best
 
 
 def main(argv=None) -> dict:
@@ -117,6 +217,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=256, help="MLP hidden units (0 = linear head)")
     ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--finetune-rank", type=int, default=0,
+                    help="also fine-tune the encoder with low-rank adapters of this rank (0 = frozen encoder)")
+    ap.add_argument("--finetune-epochs", type=int, default=12)
+    ap.add_argument("--finetune-lr", type=float, default=2e-3)
     ap.add_argument("--report", help="write the comparison of objectives (JSON) here")
     args = ap.parse_args(argv)
 
@@ -159,17 +263,37 @@ def main(argv=None) -> dict:
         "prompt_length": proxy_metrics(plen[eval_rows], lengths[eval_rows], edges),
     }
     chosen = max(heads, key=lambda k: results[k]["val_kendall_tau"])
+    final = heads[chosen]
+    if args.finetune_rank:
+        t0 = time.time()
+        print(f"fine-tuning the encoder ({chosen}, rank {args.finetune_rank})", flush=True)
+        trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32")
+        final, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
+                                  len(model_names), args.finetune_rank, args.finetune_epochs, args.finetune_lr,
+                                  seed=args.seed, log=lambda m: print(m, flush=True))
+        # test metrics through the serving path: adapters merged into the encoder in its serving dtype
+        served = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype)
+        served.load_adapters({k: v for k, v in final.items() if k.startswith(ADAPTER)})
+        emb_t, plen_t = served.encode([prompts[i] for i in np.flatnonzero(eval_rows)])
+        x_t = features(emb_t, plen_t, model_ids[eval_rows] if model_names else None, len(model_names))
+        pred = np.expm1(Head(final).predict_log(x_t))
+        chosen = f"{chosen}+finetune"
+        results[chosen] = {"val_kendall_tau": val_tau, **proxy_metrics(pred, lengths[eval_rows], edges),
+                           "train_s": round(time.time() - t0, 1), "rank": args.finetune_rank}
+        print(f"{chosen:15s} val tau {val_tau:.3f}  test {json.dumps(results[chosen])}", flush=True)
     meta = {
         "objective": chosen,
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
                     "dtype": args.encoder_dtype},
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
         "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
+        "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr}
+        if args.finetune_rank else None,
         "bucket_edges": edges, "train_mean_length": float(lengths[train].mean()),
         "max_prediction": int(lengths.max() * 2), "test_metrics": results[chosen], "eval_models": args.eval_models,
     }
     out = Path(args.name) if args.name.endswith(".npz") else ARTIFACT_DIR / f"{args.name}.npz"
-    save_artifact(out, heads[chosen], meta)
+    save_artifact(out, final, meta)
     print(f"chose {chosen} (best validation tau); saved {out} ({out.stat().st_size} bytes)")
     if args.report:
         with open(args.report, "w") as f:
