@@ -69,8 +69,9 @@ def test_shipped_artifacts_load_and_carry_metadata():
 
 
 def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
-    """Fine-tuning trains low-rank adapters end to end; the artifact carries them (small) and the
-    serving encoder, with them merged into its weights, embeds exactly as the adapted one did."""
+    """Fine-tuning trains low-rank adapters end to end (here from a deliberately weak one-step head,
+    so there is something to gain); the artifact carries them (small) and the serving encoder,
+    with them merged into its weights, embeds exactly as the adapted one did."""
     import torch
 
     from ssjf.proxy import ADAPTER, Encoder
@@ -78,7 +79,7 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
     out = tmp_path / "ft.npz"
     results = train(["--data", str(synthetic), "--name", str(out), "--objective", "regression", "--encoder-layers",
                      "1", "--condition-on-model", "--target-model", "verbose", "--test-fraction", "0.3",
-                     "--epochs", "80", "--finetune-rank", "4", "--finetune-epochs", "3"])
+                     "--epochs", "1", "--hidden", "0", "--finetune-rank", "4", "--finetune-epochs", "4"])
     assert results["regression+finetune"]["kendall_tau"] > 0.5, results
     p = LengthPredictor(str(out))
     assert p.meta["objective"] == "regression+finetune" and p.meta["finetune"]["rank"] == 4
@@ -103,3 +104,36 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
     got = merged.forward(texts)[0]
     assert not torch.allclose(want, Encoder("minilm", layers=1).forward(texts)[0], atol=1e-3)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_fast_bert_matches_transformers(dtype, tol):
+    """The lean inference path embeds as transformers' BertModel does, padding and all."""
+    import torch
+
+    from ssjf.proxy import Encoder
+
+    enc = Encoder("minilm", layers=3, dtype=dtype)
+    texts = ["hi", "Write a detailed essay about the history of jazz, with dates and names.", "Name one fact."]
+    with torch.no_grad():
+        fast = enc.forward(texts)[0]
+        assert enc._fast is not None
+        enc.lean = False
+        slow = enc.forward(texts)[0]
+        single = [enc.forward([t])[0][0] for t in texts]  # no padding
+    torch.testing.assert_close(fast, slow, atol=tol, rtol=0)
+    torch.testing.assert_close(torch.stack(single), slow, atol=tol, rtol=0)
+
+
+def test_finetune_that_does_not_beat_the_frozen_encoder_is_not_shipped(synthetic, tmp_path):
+    out = tmp_path / "kept.npz"
+    results = train(["--data", str(synthetic), "--name", str(out), "--objective", "regression", "--encoder-layers",
+                     "1", "--test-fraction", "0.3", "--epochs", "80", "--finetune-rank", "4", "--finetune-epochs", "1"])
+    p = LengthPredictor(str(out))
+    if results.get("finetune", {}).get("kept") is False:
+        assert p.meta["objective"] == "regression" and p.meta["finetune"] is None
+        with np.load(out) as d:
+            assert not [k for k in d.files if k.startswith("adapter.")]
+    else:  # it did beat it: then it ships, and says so
+        assert p.meta["objective"] == "regression+finetune"
+        assert results["regression+finetune"]["val_kendall_tau"] > results["regression"]["val_kendall_tau"]

@@ -5,7 +5,8 @@ Objectives (on the same features, one small MLP):
   classification  cross-entropy over length buckets (training-set deciles); predicts the
                   expected log length under the bucket distribution;
   ranking         pairwise logistic loss (RankNet) on random pairs; a linear map of the
-                  score to log length is fitted afterwards.
+                  score to log length is fitted afterwards;
+  hybrid          regression plus the pairwise loss: sizes and orders at once.
 `--objective auto` trains all three and keeps the one with the best Kendall tau on a
 validation split. `--finetune-rank R` then trains the encoder too, end to end with the
 chosen objective: low-rank adapters (rank R) on every linear layer of the kept layers, and
@@ -30,7 +31,7 @@ from .data import load_rows, parse_data_spec, response_lengths
 from .eval_proxy import in_test_split, proxy_metrics
 from .proxy import ADAPTER, ARTIFACT_DIR, Encoder, Head, features, save_artifact
 
-OBJECTIVES = ("regression", "classification", "ranking")
+OBJECTIVES = ("regression", "classification", "ranking", "hybrid")
 
 
 def _net(dim: int, hidden: int, out: int) -> torch.nn.Module:
@@ -58,9 +59,9 @@ def _loss(objective: str, pred: torch.Tensor, t: torch.Tensor, labels: torch.Ten
     s = pred[:, 0]  # ranking: every pair in the batch whose lengths differ
     diff_t = t[:, None] - t[None, :]
     pairs = diff_t.abs() > 0.05
-    if not pairs.any():
-        return s.sum() * 0.0
-    return torch.nn.functional.softplus(-torch.sign(diff_t) * (s[:, None] - s[None, :]))[pairs].mean()
+    rank = (torch.nn.functional.softplus(-torch.sign(diff_t) * (s[:, None] - s[None, :]))[pairs].mean()
+            if pairs.any() else s.sum() * 0.0)
+    return rank + torch.nn.functional.mse_loss(s, t) if objective == "hybrid" else rank
 
 
 def _bucket_labels(arrays: dict[str, np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -131,11 +132,12 @@ def _net_from(arrays: dict[str, np.ndarray]) -> torch.nn.Module:
 
 def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, prompts: list[str], y: np.ndarray,
              train: np.ndarray, val: np.ndarray, model_ids: np.ndarray | None, num_models: int, rank: int,
-             epochs: int = 12, lr: float = 2e-3, batch: int = 32, seed: int = 0,
-             log=print) -> tuple[dict[str, np.ndarray], float]:
+             frozen_tau: float = -2.0, epochs: int = 12, lr: float = 2e-3, batch: int = 32, seed: int = 0,
+             log=print) -> tuple[dict[str, np.ndarray] | None, float]:
     """Train adapters in `encoder` (float32) and the head end to end, from the head in `arrays`.
     Rows are grouped by prompt: one encoder pass per prompt feeds all its rows (answering models).
-    Returns (head arrays + adapter arrays of the best epoch by validation tau, that tau)."""
+    Returns (head arrays + adapter arrays of the best epoch by validation tau, that tau), or
+    (None, frozen_tau) when no epoch beats the frozen encoder's validation tau."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = encoder.add_adapters(rank)
@@ -165,7 +167,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
             emb, plen = encoder.encode([prompts[i] for i in rows])
         return features(emb, plen, model_ids[rows] if num_models else None, num_models)
 
-    best, best_arrays = -2.0, None
+    best, best_arrays = frozen_tau, None  # the frozen encoder's head is the bar to beat
     for epoch in range(epochs):
         t0 = time.time()
         encoder.model.train()
@@ -268,9 +270,15 @@ def main(argv=None) -> dict:
         t0 = time.time()
         print(f"fine-tuning the encoder ({chosen}, rank {args.finetune_rank})", flush=True)
         trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32")
-        final, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
-                                  len(model_names), args.finetune_rank, args.finetune_epochs, args.finetune_lr,
-                                  seed=args.seed, log=lambda m: print(m, flush=True))
+        tuned, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
+                                  len(model_names), args.finetune_rank, results[chosen]["val_kendall_tau"],
+                                  args.finetune_epochs, args.finetune_lr, seed=args.seed,
+                                  log=lambda m: print(m, flush=True))
+    if args.finetune_rank and tuned is None:
+        print(f"fine-tuning did not beat the frozen encoder on validation; keeping {chosen} (frozen)")
+        results["finetune"] = {"kept": False, "train_s": round(time.time() - t0, 1)}
+    elif args.finetune_rank:
+        final = tuned
         # test metrics through the serving path: adapters merged into the encoder in its serving dtype
         served = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype)
         served.load_adapters({k: v for k, v in final.items() if k.startswith(ADAPTER)})
@@ -288,7 +296,7 @@ def main(argv=None) -> dict:
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
         "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
         "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr}
-        if args.finetune_rank else None,
+        if chosen.endswith("+finetune") else None,
         "bucket_edges": edges, "train_mean_length": float(lengths[train].mean()),
         "max_prediction": int(lengths.max() * 2), "test_metrics": results[chosen], "eval_models": args.eval_models,
     }
