@@ -123,6 +123,10 @@ def test_fast_bert_matches_transformers(dtype, tol):
         single = [enc.forward([t])[0][0] for t in texts]  # no padding
     torch.testing.assert_close(fast, slow, atol=tol, rtol=0)
     torch.testing.assert_close(torch.stack(single), slow, atol=tol, rtol=0)
+    enc.lean, enc.max_length = True, 32
+    assert enc.warm_up() > 0  # every width up to max_length, through the lean path
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward(texts)[0], fast, atol=tol, rtol=0)
 
 
 def test_finetune_that_does_not_beat_the_frozen_encoder_is_not_shipped(synthetic, tmp_path):

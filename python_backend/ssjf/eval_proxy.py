@@ -39,6 +39,7 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
 
 def latency_ms(predictor, prompts: list[str], n: int = 50) -> float:
     sample = prompts[:: max(1, len(prompts) // n)][:n]
+    predictor.encoder.warm_up()  # as the served length_predictor does at load
     predictor.predict(sample[:3])
     times = []
     for p in sample:

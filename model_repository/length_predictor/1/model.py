@@ -20,6 +20,7 @@ class TritonPythonModel:
         # SSJF_PROXY_ARTIFACT overrides the config (trace replay serves the `recorded` artifact)
         artifact = os.environ.get("SSJF_PROXY_ARTIFACT") or params.get("artifact", "smollm2")
         self.predictor = LengthPredictor(artifact, params.get("device", "cpu"))
+        self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
 
     def execute(self, requests):
         texts, counts = [], []
