@@ -63,3 +63,20 @@ def test_aiperf_input_is_the_same_replay(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"text": "hi", "timestamp": 0.0, "output_length": 7},
                     {"text": "a longer one", "timestamp": 1234.5}]
+
+
+def test_aiperf_payload_template_renders_a_request_the_server_accepts():
+    """The README's aiperf command posts this template to /generate_stream: it must be JSON, name
+    only inputs the llm accepts (unknown fields are rejected), and ask for a token stream."""
+    from pathlib import Path
+
+    import jinja2
+
+    from ssjf.serving import LLM_INPUTS
+
+    template = Path(__file__).resolve().parents[1] / "loadtest" / "aiperf_payload.json.j2"
+    rendered = jinja2.Environment().from_string(template.read_text()).render(
+        text='say "hi"\nand go', max_tokens=7, stream=True)
+    payload = json.loads(rendered)
+    assert payload == {"text_input": 'say "hi"\nand go', "max_tokens": 7, "ignore_eos": True, "stream": True}
+    assert set(payload) <= set(LLM_INPUTS)
