@@ -7,12 +7,13 @@ Objectives (on the same features, one small MLP):
   ranking         pairwise logistic loss (RankNet) on random pairs; a linear map of the
                   score to log length is fitted afterwards;
   hybrid          regression plus the pairwise loss: sizes and orders at once.
-`--objective auto` trains all three and keeps the one with the best Kendall tau on a
+`--objective auto` trains all four and keeps the one with the best Kendall tau on a
 validation split. `--finetune-rank R` then trains the encoder too, end to end with the
 chosen objective: low-rank adapters (rank R) on every linear layer of the kept layers, and
-their LayerNorms, starting from the trained head; the epoch with the best validation tau is
-kept, and the adapters ship inside the artifact. Rows are split by prompt (a hash of its text), never by row: the same
-prompt never sits in two splits, whichever models answered it.
+their LayerNorms, starting from the trained head. The epoch with the best validation tau is
+kept if it beats the frozen encoder's, and its adapters ship inside the artifact.
+Rows are split by prompt (a hash of its text), never by row: the same prompt never sits in
+two splits, whichever models answered it.
 """
 
 from __future__ import annotations
@@ -62,11 +63,6 @@ def _loss(objective: str, pred: torch.Tensor, t: torch.Tensor, labels: torch.Ten
     rank = (torch.nn.functional.softplus(-torch.sign(diff_t) * (s[:, None] - s[None, :]))[pairs].mean()
             if pairs.any() else s.sum() * 0.0)
     return rank + torch.nn.functional.mse_loss(s, t) if objective == "hybrid" else rank
-
-
-def _bucket_labels(arrays: dict[str, np.ndarray], y: np.ndarray) -> np.ndarray:
-    """Classification labels: each log length's bucket under the edges the head was trained with."""
-    return np.digitize(y, arrays["edges"])
 
 
 def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -144,7 +140,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
     net = _net_from(arrays)
     mean, std = torch.tensor(arrays["mean"]), torch.tensor(arrays["std"])
     extra = {k: arrays[k] for k in ("edges", "centers") if k in arrays}
-    labels = _bucket_labels(arrays, y) if objective == "classification" else None
+    labels = np.digitize(y, arrays["edges"]) if objective == "classification" else None  # the head's buckets
     unique = sorted(set(prompts))
     pid = {p: i for i, p in enumerate(unique)}
     rows_of: dict[int, list[int]] = {}
