@@ -128,8 +128,8 @@ def _net_from(arrays: dict[str, np.ndarray]) -> torch.nn.Module:
 
 def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, prompts: list[str], y: np.ndarray,
              train: np.ndarray, val: np.ndarray, model_ids: np.ndarray | None, num_models: int, rank: int,
-             frozen_tau: float = -2.0, epochs: int = 12, lr: float = 2e-3, batch: int = 32, seed: int = 0,
-             log=print) -> tuple[dict[str, np.ndarray] | None, float]:
+             frozen_tau: float = -2.0, epochs: int = 12, lr: float = 2e-3, encoder_lr: float | None = None,
+             batch: int = 32, seed: int = 0, log=print) -> tuple[dict[str, np.ndarray] | None, float]:
     """Train adapters in `encoder` (float32) and the head end to end, from the head in `arrays`.
     Rows are grouped by prompt: one encoder pass per prompt feeds all its rows (answering models).
     Returns (head arrays + adapter arrays of the best epoch by validation tau, that tau), or
@@ -148,7 +148,10 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
         rows_of.setdefault(pid[prompts[i]], []).append(i)
     prompt_ids = np.array(sorted(rows_of))
     ntok = {i: len(unique[i]) for i in prompt_ids}
-    opt = torch.optim.AdamW(params + list(net.parameters()), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([{"params": params, "lr": lr if encoder_lr is None else encoder_lr},
+                             {"params": list(net.parameters()), "lr": lr}], weight_decay=1e-4)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
     steps = epochs * math.ceil(len(prompt_ids) / batch)
     step = 0
 
@@ -180,7 +183,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
                 loss = _loss(objective, pred, torch.tensor(y[rows], dtype=torch.float32),
                              torch.tensor(labels[rows]) if labels is not None else None)
                 for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
                 step += 1
                 opt.zero_grad()
                 loss.backward()
@@ -218,7 +221,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--finetune-rank", type=int, default=0,
                     help="also fine-tune the encoder with low-rank adapters of this rank (0 = frozen encoder)")
     ap.add_argument("--finetune-epochs", type=int, default=12)
-    ap.add_argument("--finetune-lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-lr", type=float, default=2e-3, help="the head's learning rate")
+    ap.add_argument("--finetune-encoder-lr", type=float, help="the adapters' learning rate (default: --finetune-lr)")
     ap.add_argument("--report", help="write the comparison of objectives (JSON) here")
     args = ap.parse_args(argv)
 
@@ -268,7 +272,7 @@ def main(argv=None) -> dict:
         trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32")
         tuned, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
                                   len(model_names), args.finetune_rank, results[chosen]["val_kendall_tau"],
-                                  args.finetune_epochs, args.finetune_lr, seed=args.seed,
+                                  args.finetune_epochs, args.finetune_lr, args.finetune_encoder_lr, seed=args.seed,
                                   log=lambda m: print(m, flush=True))
     if args.finetune_rank and tuned is None:
         print(f"fine-tuning did not beat the frozen encoder on validation; keeping {chosen} (frozen)")
@@ -291,7 +295,8 @@ def main(argv=None) -> dict:
                     "dtype": args.encoder_dtype},
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
         "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
-        "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr}
+        "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
+                     "encoder_lr": args.finetune_encoder_lr}
         if chosen.endswith("+finetune") else None,
         "bucket_edges": edges, "train_mean_length": float(lengths[train].mean()),
         "max_prediction": int(lengths.max() * 2), "test_metrics": results[chosen], "eval_models": args.eval_models,
