@@ -141,3 +141,28 @@ def test_finetune_that_does_not_beat_the_frozen_encoder_is_not_shipped(synthetic
     else:  # it did beat it: then it ships, and says so
         assert p.meta["objective"] == "regression+finetune"
         assert results["regression+finetune"]["val_kendall_tau"] > results["regression"]["val_kendall_tau"]
+
+
+def test_last_token_pooling_on_the_served_llm():
+    """pooling="last" embeds a prompt by the served LLM's state where its answer would start: the
+    last token after the chat template, the same whether the prompt is batched with longer ones
+    (right padding) or alone, and kept when a long prompt is cut."""
+    import torch
+
+    from ssjf.proxy import Encoder
+
+    enc = Encoder("smollm2", layers=2, pooling="last", max_length=40)
+    texts = ["hi", "Write a detailed essay about the history of jazz, with dates and names, please."]
+    with torch.no_grad():
+        batched, lens = enc.forward(texts)
+        alone = torch.cat([enc.forward([t])[0] for t in texts])
+    torch.testing.assert_close(batched, alone, atol=2e-4, rtol=0)
+    own = [len(x) for x in enc.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert lens.tolist() == own
+
+    long_text = "jazz " * 200
+    ids, counts = enc._token_ids([long_text])
+    full = enc.tokenizer.apply_chat_template([{"role": "user", "content": long_text}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert len(ids[0]) == 40 and ids[0][-16:] == full[-16:] and ids[0][:24] == full[:24]
+    assert counts[0] == len(enc.tokenizer(long_text, add_special_tokens=False)["input_ids"])

@@ -63,4 +63,7 @@ def resolve_llm(name: str) -> str:
 
 
 def resolve_encoder(name: str) -> str:
-    return str(minilm_path()) if name == DEFAULT_ENCODER else name
+    """`minilm` (packaged), `smollm2` (the served LLM, as a proxy encoder), or any HF folder / name."""
+    if name == DEFAULT_ENCODER:
+        return str(minilm_path())
+    return resolve_llm(name)

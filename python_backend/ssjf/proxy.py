@@ -101,13 +101,21 @@ class FastBert:
 
 
 class Encoder:
-    """Mean-pooled, L2-normalised sentence embeddings from any HF encoder (optionally its first k layers)."""
+    """L2-normalised prompt embeddings from any HF model (optionally its first k layers).
+
+    pooling="mean": the mean over the prompt's tokens (sentence encoders such as MiniLM).
+    pooling="last": the state at the last token of the prompt wrapped in the model's chat
+    template, i.e. where the answer starts. This is for decoder LLMs, above all the served one
+    (`smollm2`), whose own states there say most about how long it will answer."""
 
     def __init__(self, name: str = "minilm", device: str = "cpu", max_length: int = 256, layers: int = 0,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", pooling: str = "mean"):
         from transformers import AutoModel, AutoTokenizer
 
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', not {pooling!r}")
         self.name, self.max_length, self.layers, self.dtype_name = name, max_length, layers, dtype
+        self.pooling = pooling
         self.adapted = ""  # names the merged adapters, so cached embeddings never mix encoders
         self._fast: FastBert | None = None
         path = resolve_encoder(name)
@@ -176,7 +184,27 @@ class Encoder:
 
     @property
     def key(self) -> str:
-        return f"{self.name}|{self.layers}|{self.max_length}|{self.dtype_name}" + (f"|{self.adapted}" if self.adapted else "")
+        key = f"{self.name}|{self.layers}|{self.max_length}|{self.dtype_name}"
+        return key + (f"|{self.pooling}" if self.pooling != "mean" else "") + (f"|{self.adapted}" if self.adapted else "")
+
+    def _token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids per text, cut to max_length, and each text's own token count (untruncated,
+        without special or template tokens). Cutting keeps the head and the end: [SEP] for mean
+        pooling, the template's answer prefix for last pooling."""
+        if self.pooling == "last":
+            ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True)["input_ids"] for t in texts]
+            if not hasattr(self, "_template_tokens"):
+                self._template_tokens = len(self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=True,
+                    return_dict=True)["input_ids"])
+            extra, keep = self._template_tokens, 16
+        else:
+            ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+            extra, keep = self.tokenizer.num_special_tokens_to_add(), 1
+        lens = [max(0, len(x) - extra) for x in ids]
+        ids = [x if len(x) <= self.max_length else x[: self.max_length - keep] + x[-keep:] for x in ids]
+        return ids, lens
 
     def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not self.lean:
@@ -200,17 +228,18 @@ class Encoder:
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled embeddings (with grad when training) and untruncated prompt lengths; one tokenization."""
-        ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-        extra = self.tokenizer.num_special_tokens_to_add()
-        lens = torch.tensor([max(0, len(x) - extra) for x in ids], dtype=torch.float32)
-        ids = [x if len(x) <= self.max_length else x[: self.max_length - 1] + x[-1:] for x in ids]
+        ids, counts = self._token_ids(texts)
+        lens = torch.tensor(counts, dtype=torch.float32)
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
         hidden = self._hidden(input_ids, mask)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.pooling == "last":  # right padding: each row's last real token
+            pooled = hidden[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled.float(), dim=-1), lens
 
     @torch.inference_mode()
@@ -296,7 +325,8 @@ class LengthPredictor:
         self.head = Head(arrays)
         enc = self.meta["encoder"]
         if encoder is None:
-            encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"])
+            encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"],
+                              enc.get("pooling", "mean"))
             if adapters:
                 encoder.load_adapters(adapters)
                 encoder.adapted = self.path.name + ":" + hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]

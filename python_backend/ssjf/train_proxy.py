@@ -206,7 +206,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", action="append", required=True, help="rows (any format; repeatable); path[@model,...]")
     ap.add_argument("--name", required=True, help="artifact name (saved with the package) or a .npz path")
     ap.add_argument("--objective", choices=("auto",) + OBJECTIVES, default="auto")
-    ap.add_argument("--encoder", default="minilm", help="minilm (packaged) or any HF encoder folder / name")
+    ap.add_argument("--encoder", default="minilm",
+                    help="minilm (packaged), smollm2 (the served LLM), or any HF model folder / name")
+    ap.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                    help="mean over tokens (sentence encoders) or the last token after the chat template (LLMs)")
     ap.add_argument("--encoder-layers", type=int, default=0, help="use only the first k layers (0 = all)")
     ap.add_argument("--max-length", type=int, default=256, help="encoder tokens per prompt")
     ap.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -240,7 +243,7 @@ def main(argv=None) -> dict:
     index = {m: i for i, m in enumerate(model_names)}
     model_ids = np.array([index.get(r.model, 0) for r in rows]) if model_names else None
     t0 = time.time()
-    encoder = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype)
+    encoder = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype, args.pooling)
     emb, plen = encoder.encode_cached(prompts)
     x = features(emb, plen, model_ids, len(model_names))
     print(f"{len(rows)} rows ({len(set(prompts))} prompts): train {train.sum()}, val {val.sum()}, "
@@ -269,7 +272,7 @@ def main(argv=None) -> dict:
     if args.finetune_rank:
         t0 = time.time()
         print(f"fine-tuning the encoder ({chosen}, rank {args.finetune_rank})", flush=True)
-        trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32")
+        trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32", args.pooling)
         tuned, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
                                   len(model_names), args.finetune_rank, results[chosen]["val_kendall_tau"],
                                   args.finetune_epochs, args.finetune_lr, args.finetune_encoder_lr, seed=args.seed,
@@ -280,7 +283,7 @@ def main(argv=None) -> dict:
     elif args.finetune_rank:
         final = tuned
         # test metrics through the serving path: adapters merged into the encoder in its serving dtype
-        served = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype)
+        served = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype, args.pooling)
         served.load_adapters({k: v for k, v in final.items() if k.startswith(ADAPTER)})
         emb_t, plen_t = served.encode([prompts[i] for i in np.flatnonzero(eval_rows)])
         x_t = features(emb_t, plen_t, model_ids[eval_rows] if model_names else None, len(model_names))
@@ -292,7 +295,7 @@ def main(argv=None) -> dict:
     meta = {
         "objective": chosen,
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
-                    "dtype": args.encoder_dtype},
+                    "dtype": args.encoder_dtype, "pooling": args.pooling},
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
         "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
         "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
