@@ -61,7 +61,7 @@ def test_train_save_load_predict(synthetic, tmp_path, objective):
 
 
 def test_shipped_artifacts_load_and_carry_metadata():
-    for name in ("recorded", "smollm2"):
+    for name in ("recorded", "smollm2", "recorded-l16", "smollm2-l16"):
         p = LengthPredictor(name)
         for key in ("objective", "encoder", "tokenizer", "target_model", "bucket_edges", "test_metrics", "data"):
             assert key in p.meta, (name, key)
