@@ -192,19 +192,18 @@ class Encoder:
         without special or template tokens). Cutting keeps the head and the end: [SEP] for mean
         pooling, the template's answer prefix for last pooling."""
         if self.pooling == "last":
-            ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True)["input_ids"] for t in texts]
-            if not hasattr(self, "_template_tokens"):
-                self._template_tokens = len(self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=True,
-                    return_dict=True)["input_ids"])
-            extra, keep = self._template_tokens, 16
+            ids = [self._chat_ids(t) for t in texts]
+            extra, keep = len(self._chat_ids("")), 16
         else:
             ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
             extra, keep = self.tokenizer.num_special_tokens_to_add(), 1
         lens = [max(0, len(x) - extra) for x in ids]
         ids = [x if len(x) <= self.max_length else x[: self.max_length - keep] + x[-keep:] for x in ids]
         return ids, lens
+
+    def _chat_ids(self, text: str) -> list[int]:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
 
     def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not self.lean:
