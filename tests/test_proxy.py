@@ -166,3 +166,15 @@ def test_last_token_pooling_on_the_served_llm():
                                              tokenize=True, return_dict=True)["input_ids"]
     assert len(ids[0]) == 40 and ids[0][-16:] == full[-16:] and ids[0][:24] == full[:24]
     assert counts[0] == len(enc.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+
+
+def test_held_out_follows_the_split_an_artifact_records():
+    from ssjf.eval_proxy import held_out
+    from ssjf.proxy import read_meta
+
+    prompts = [f"q{i}" for i in range(400)]
+    meta = {"test_fraction": 0.3, "split_seed": 5}
+    assert [held_out(p, meta) for p in prompts] == [in_test_split(p, 0.3, 5) for p in prompts]
+    for name in ("recorded", "recorded-l16"):  # what `ssjf bench --split test` holds out for each
+        m = read_meta(name)
+        assert (m["test_fraction"], m["split_seed"]) == (0.2, 0)

@@ -48,17 +48,19 @@ class Job:
 
 # ---- workloads and arrivals ---------------------------------------------------------------
 def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bool, max_prompt_tokens: int,
-                  max_seq_len: int, split: str = "all") -> list[tuple[str, int | None, int]]:
+                  max_seq_len: int, split: str = "all", artifact: str = "recorded") -> list[tuple[str, int | None, int]]:
     """(prompt, max_tokens or None, recorded length) for n rows sampled from data. split="test"
-    keeps only prompts in the proxy's held-out split (train-proxy's default split), so the
-    predictions the server makes are on prompts the shipped artifacts never saw."""
+    keeps only prompts in the served artifact's held-out split (as its metadata records it), so
+    the predictions the server makes are on prompts that artifact never saw."""
     from ssjf.data import count_tokens, load_rows, parse_data_spec, response_lengths
-    from ssjf.eval_proxy import in_test_split
+    from ssjf.eval_proxy import held_out
+    from ssjf.proxy import read_meta
 
     path, models = parse_data_spec(data)
     rows = [r for r in load_rows(path, models) if r.response or r.length]
     if split == "test":
-        rows = [r for r in rows if in_test_split(r.prompt, 0.2)]
+        meta = read_meta(artifact)
+        rows = [r for r in rows if held_out(r.prompt, meta)]
     lengths = response_lengths(rows)
     prompt_tokens_of = count_tokens([r.prompt for r in rows])
     rng = np.random.default_rng(seed)
@@ -300,7 +302,7 @@ def main(argv=None) -> dict:
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
 
     spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
-                         args.max_prompt_tokens, args.max_seq_len, args.split)
+                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact)
     lengths = [mt if mt is not None else n for _, mt, n in spec]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     policies = [p.strip() for p in args.policies.split(",")]

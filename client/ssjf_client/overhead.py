@@ -22,11 +22,13 @@ from .client import SSJFClient, scrape_metrics
 from ssjf.report import emit
 
 PROMPT = "What is the capital of France?"
+
+
 def scrape_jct(metrics_url: str) -> tuple[float, float]:
     """The server's JCT histogram: (sum of seconds, count) over its labels."""
     values = scrape_metrics(metrics_url, "ssjf_jct_seconds_")
-    total = lambda part: sum(v for k, v in values.items() if k.startswith(f"ssjf_jct_seconds_{part}"))  # noqa: E731
-    return total("sum"), total("count")
+    sums = [sum(v for k, v in values.items() if k.startswith(f"ssjf_jct_seconds_{part}")) for part in ("sum", "count")]
+    return sums[0], sums[1]
 
 
 def proxy_compute(stats_client) -> tuple[float, int]:

@@ -25,6 +25,11 @@ def in_test_split(prompt: str, fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def held_out(prompt: str, meta: dict) -> bool:
+    """Whether a prompt fell in an artifact's test split (the split recorded in its metadata)."""
+    return in_test_split(prompt, meta.get("test_fraction", 0.2), meta.get("split_seed", 0))
+
+
 def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
     pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
     constant = np.ptp(pred) == 0
@@ -72,8 +77,7 @@ def main(argv=None) -> dict:
         path, models = parse_data_spec(spec)
         rows.extend(load_rows(path, models))
     if args.split == "test":
-        fraction = meta.get("test_fraction", 0.2)
-        rows = [r for r in rows if in_test_split(r.prompt, fraction, meta.get("split_seed", 0))]
+        rows = [r for r in rows if held_out(r.prompt, meta)]
     rows = [r for r in rows if r.response is not None or r.length is not None]
     if not rows:
         raise SystemExit("no rows with a response or length")

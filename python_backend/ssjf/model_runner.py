@@ -47,8 +47,8 @@ def prefill_width(longest: int, limit: int) -> int:
     rungs per doubling: 80, 96, 112, 128, 160, ...). Two dozen shapes instead of one per prompt
     length: on CPU every new prefill width left memory behind (allocator and kernel caches), and
     resident memory crept up without bound under a real prompt mix; with the ladder it levels
-    off. Past 64 tokens the padding adds at most a quarter to the prefill work (right padding under a causal
-    mask, so results are unchanged)."""
+    off. Past 64 tokens the padding adds at most a quarter to the prefill work (right padding
+    under a causal mask, so results are unchanged)."""
     width = 16
     while width < longest:
         width = width * 2 if width < 64 else width + (1 << (width.bit_length() - 3))

@@ -45,6 +45,12 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (x @ self.a.T) @ self.b.T
 
 
+def read_meta(artifact: str) -> dict:
+    """An artifact's metadata (encoder, data, split, metrics) without loading its encoder."""
+    with np.load(resolve_artifact(artifact), allow_pickle=False) as data:
+        return json.loads(str(data["meta"]))
+
+
 def resolve_artifact(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".npz" and path.exists():
@@ -116,7 +122,7 @@ class Encoder:
             raise ValueError(f"pooling must be 'mean' or 'last', not {pooling!r}")
         self.name, self.max_length, self.layers, self.dtype_name = name, max_length, layers, dtype
         self.pooling = pooling
-        self.adapted = ""  # names the merged adapters, so cached embeddings never mix encoders
+        self.adapted = ""  # the merged adapters' tag (load_adapters)
         self._fast: FastBert | None = None
         path = resolve_encoder(name)
         self.device = torch.device(device)
@@ -167,8 +173,9 @@ class Encoder:
         return out
 
     @torch.no_grad()
-    def load_adapters(self, arrays: dict[str, np.ndarray]) -> None:
-        """Merge trained adapters into the weights: W += b @ a for linear layers, norms replaced."""
+    def load_adapters(self, arrays: dict[str, np.ndarray], tag: str = "") -> None:
+        """Merge trained adapters into the weights: W += b @ a for linear layers, norms replaced.
+        `tag` names them in the embedding cache key, so cached embeddings never mix encoders."""
         stack = self._layer_stack()
         for key, value in arrays.items():
             name, _, part = key[len(ADAPTER):].rpartition(".")
@@ -180,7 +187,7 @@ class Encoder:
                 module.weight.copy_((module.weight.float() + delta.to(module.weight.device)).to(module.weight.dtype))
             else:
                 getattr(module, part).copy_(torch.from_numpy(value).to(module.weight.dtype))
-        self._fast = None
+        self._fast, self.adapted = None, tag
 
     @property
     def key(self) -> str:
@@ -327,8 +334,7 @@ class LengthPredictor:
             encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"],
                               enc.get("pooling", "mean"))
             if adapters:
-                encoder.load_adapters(adapters)
-                encoder.adapted = self.path.name + ":" + hashlib.sha1(self.path.read_bytes()).hexdigest()[:12]
+                encoder.load_adapters(adapters, self.path.name + ":" + hashlib.sha1(self.path.read_bytes()).hexdigest()[:12])
         self.encoder = encoder
         self.models: list[str] = self.meta.get("models", [])
         self.target_model = self.meta.get("target_model", "")
