@@ -9,6 +9,15 @@ def test_from_strings_reads_parameters_and_env_overrides():
     assert (c.policy, c.max_batch_size, c.starvation_s, c.chat_template) == ("fcfs", 8, 2.5, False)
     c = EngineConfig.from_strings(params, environ={"SSJF_POLICY": "sjf_oracle", "SSJF_BATCHING": "dynamic"})
     assert (c.policy, c.batching) == ("sjf_oracle", "dynamic")
+    assert c.cap_by_max_tokens is True
+    assert EngineConfig.from_strings(params, environ={"SSJF_CAP_BY_MAX_TOKENS": "0"}).cap_by_max_tokens is False
+
+
+def test_the_scheduler_queue_gets_the_cap():
+    from ssjf.scheduler import Scheduler
+
+    assert Scheduler(EngineConfig(cap_by_max_tokens=False)).waiting.cap_by_max_tokens is False
+    assert Scheduler(EngineConfig()).waiting.cap_by_max_tokens is True
 
 
 @pytest.mark.parametrize("bad", [{"policy": "lifo"}, {"batching": "huge"}, {"max_batch_size": 0},

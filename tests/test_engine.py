@@ -128,7 +128,7 @@ def test_stops_at_eos_unless_ignored(tiny_model, tokenizer):
 
 
 def test_cancelled_request_frees_its_slot_within_one_step(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer, max_batch_size=1)
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=1, policy="fcfs")
     a = Request("a", engine.encode_prompt("first"), max_tokens=200, sink=ListSink(), ignore_eos=True)
     b = Request("b", engine.encode_prompt("second"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     engine.add_request(a)
@@ -266,7 +266,7 @@ def test_one_failing_request_fails_alone_and_the_batch_goes_on(tiny_model, token
 
 def test_requests_past_their_deadline_end_with_an_error(tiny_model, tokenizer):
     now = [0.0]
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, request_timeout_s=100)
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, request_timeout_s=100, policy="fcfs")
     engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
     running = Request("run", engine.encode_prompt("a"), max_tokens=200, sink=ListSink(), ignore_eos=True,
                       arrival_time=0.0)
@@ -389,7 +389,7 @@ def test_waiting_requests_are_checked_for_cancellation_sparingly(tiny_model, tok
     """Each check is an IPC call in Triton: the waiting queue is scanned every 10 s, not every step;
     a cancelled waiting request still never reaches prefill."""
     now = [0.0]
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1)
+    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, policy="fcfs")
     engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
     first = Request("a", engine.encode_prompt("a"), max_tokens=100, sink=ListSink(), ignore_eos=True)
     waiting = Request("b", engine.encode_prompt("b"), max_tokens=4, sink=CountingSink(), ignore_eos=True)

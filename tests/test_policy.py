@@ -130,10 +130,30 @@ def test_remove_and_len(cls):
         q.pop()
 
 
+def test_cap_by_max_tokens_bounds_the_prediction():
+    """A request that may not run past 8 tokens is short, whatever the proxy predicted."""
+    capped = SSJFQueue(cap_by_max_tokens=True)
+    plain = SSJFQueue()
+    for q in (capped, plain):
+        q.add(req("predicted-long-but-capped", 400, max_tokens=8))
+        q.add(req("medium", 50, max_tokens=512))
+        q.add(req("unknown-capped", None, max_tokens=20))
+    assert drain(capped) == ["predicted-long-but-capped", "unknown-capped", "medium"]
+    assert drain(plain) == ["medium", "unknown-capped", "predicted-long-but-capped"]
+
+
+def test_oracle_falls_back_to_the_capped_prediction():
+    q = OracleSJFQueue(cap_by_max_tokens=True)
+    q.add(req("natural", 300, max_tokens=30))  # no ignore_eos: no true length, capped prediction 30
+    q.add(req("fixed", 900, max_tokens=40, ignore_eos=True))  # true length 40
+    assert drain(q) == ["natural", "fixed"]
+
+
 def test_factory():
     assert isinstance(make_queue("fcfs"), FCFSQueue)
     assert isinstance(make_queue("ssjf"), SSJFQueue)
     assert isinstance(make_queue("sjf_oracle"), OracleSJFQueue)
+    assert make_queue("ssjf", cap_by_max_tokens=True).cap_by_max_tokens
     with pytest.raises(ValueError, match="unknown policy"):
         make_queue("lifo")
 

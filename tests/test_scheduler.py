@@ -6,7 +6,7 @@ from ssjf.scheduler import Scheduler
 
 
 def req(rid, prompt_len=4, predicted=10):
-    return Request(rid, list(range(prompt_len)), max_tokens=8, predicted_length=predicted)
+    return Request(rid, list(range(prompt_len)), max_tokens=64, predicted_length=predicted)
 
 
 def test_continuous_admits_into_free_slots_in_policy_order():

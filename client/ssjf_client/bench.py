@@ -5,7 +5,8 @@ same replay: the same prompts, sent open-loop at the same arrival times over one
 stream. Trace replay (default): each request's `max_tokens` = length-scale x its recorded
 response's token count (the served model's tokenizer), with `ignore_eos`, so the model does
 real work of the recorded length; the proxy (`recorded` artifact) predicts that length from
-the prompt, and oracle SJF knows it. Natural workload: generation stops at EOS (`smollm2`
+the prompt, and oracle SJF knows it (SSJF's cap by max_tokens is off here, since max_tokens
+carries the true length). Natural workload: generation stops at EOS (`smollm2`
 artifact; the oracle then has no true length and falls back to the prediction).
 
 Metrics (client-side, per request): JCT = final response - arrival; TTFT = first token -
@@ -191,7 +192,9 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     env = dict(os.environ, SSJF_POLICY=policy, SSJF_BATCHING=batching,
                SSJF_MAX_BATCH_SIZE=str(args.max_batch_size), SSJF_PROXY_ARTIFACT=args.artifact,
                SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_PASSES=str(args.max_passes),
-               SSJF_MAX_SEQ_LEN=str(args.max_seq_len))
+               SSJF_MAX_SEQ_LEN=str(args.max_seq_len),
+               # trace replay's max_tokens *is* the true length: SSJF must not read it
+               SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0")
     log = Path(args.out).with_suffix(f".{batching}.{policy}.log") if args.out else None
     if args.url:
         replay(args.url, jobs, not args.natural, args.timeout)

@@ -23,6 +23,7 @@ class EngineConfig:
     starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
     max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
     max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it; 0 disables
+    cap_by_max_tokens: bool = True  # SSJF key = min(predicted length, max_tokens): no job outlives its max_tokens
     request_timeout_s: float = 600.0  # deadline from arrival unless the client sets a shorter one; 0 disables
     max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
     max_engine_restarts: int = 3  # engine-thread crashes survived (in-flight requests fail) before giving up

@@ -149,28 +149,40 @@ class PriorityQueue(RequestQueue):
 
 
 class SSJFQueue(PriorityQueue):
-    """Speculative shortest job first: the proxy's predicted output length."""
+    """Speculative shortest job first: the proxy's predicted output length. With
+    `cap_by_max_tokens`, a prediction above the request's max_tokens counts as max_tokens: the
+    job cannot run longer than its client allows, whatever the proxy says."""
+
+    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
+                 cap_by_max_tokens: bool = False):
+        super().__init__(starvation_s, clock, max_passes)
+        self.cap_by_max_tokens = cap_by_max_tokens
+
+    def predicted(self, req: Request) -> float:
+        length = req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
+        if self.cap_by_max_tokens and req.max_tokens is not None:
+            return min(length, req.max_tokens)
+        return length
 
     def sort_key(self, req: Request) -> float:
-        return req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
+        return self.predicted(req)
 
 
-class OracleSJFQueue(PriorityQueue):
-    """Shortest job first on the true length (known when ignore_eos fixes it via max_tokens)."""
+class OracleSJFQueue(SSJFQueue):
+    """Shortest job first on the true length (known when ignore_eos fixes it via max_tokens);
+    requests without one fall back to SSJF's key."""
 
     def sort_key(self, req: Request) -> float:
-        if req.true_length is not None:
-            return req.true_length
-        return req.predicted_length if req.predicted_length is not None else UNKNOWN_LENGTH
+        return req.true_length if req.true_length is not None else self.predicted(req)
 
 
 def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
-               max_passes: int = 0) -> RequestQueue:
+               max_passes: int = 0, cap_by_max_tokens: bool = False) -> RequestQueue:
     """The waiting queue for a policy name."""
     if policy == "fcfs":
         return FCFSQueue()
     if policy == "ssjf":
-        return SSJFQueue(starvation_s, clock, max_passes)
+        return SSJFQueue(starvation_s, clock, max_passes, cap_by_max_tokens)
     if policy == "sjf_oracle":
-        return OracleSJFQueue(starvation_s, clock, max_passes)
+        return OracleSJFQueue(starvation_s, clock, max_passes, cap_by_max_tokens)
     raise ValueError(f"unknown policy {policy!r}")
