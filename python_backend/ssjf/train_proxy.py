@@ -167,6 +167,10 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
         return features(emb, plen, model_ids[rows] if num_models else None, num_models)
 
     best, best_arrays = frozen_tau, None  # the frozen encoder's head is the bar to beat
+    val_rows = np.flatnonzero(val)
+    encoder.model.eval()
+    start = float(stats.kendalltau(Head(arrays).predict_log(embed_rows(val_rows)), y[val_rows]).statistic)
+    log(f"  finetune start: val tau {start:.3f} (adapters at zero; the frozen head had {frozen_tau:.3f})")
     for epoch in range(epochs):
         t0 = time.time()
         encoder.model.train()
@@ -190,7 +194,6 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
                 opt.step()
         encoder.model.eval()
         head = {**_arrays(net.eval(), arrays["mean"], arrays["std"]), **extra}
-        val_rows = np.flatnonzero(val)
         if objective == "ranking":
             sample = rng.choice(np.flatnonzero(train), min(2000, int(train.sum())), replace=False)
             _calibrate(head, embed_rows(sample), y[sample])
