@@ -232,8 +232,9 @@ def test_a_request_past_its_deadline_ends_with_an_error_through_the_ensemble(ser
 
 
 def test_predicted_length_orders_the_llm_queue(server):
-    """Through the real server with batch slots busy, SSJF serves the shorter predicted job first."""
-    inputs = lambda text, pred: build_inputs(text, max_tokens=20, ignore_eos=True) + [_pred(pred)]  # noqa: E731
+    """Through the real server with batch slots busy, SSJF serves the shorter predicted job first,
+    and a job's own max_tokens caps its key: predicted 900 but allowed 2 tokens, it goes first."""
+    inputs = lambda text, pred, n=20: build_inputs(text, max_tokens=n, ignore_eos=True) + [_pred(pred)]  # noqa: E731
     order = []
     lock = threading.Lock()
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -243,7 +244,7 @@ def test_predicted_length_orders_the_llm_queue(server):
         if error is None and result.get_response().parameters["triton_final_response"].bool_param:
             with lock:
                 order.append(result.get_response().id)
-                if len(order) == 3 + 16:
+                if len(order) == 4 + 16:
                     done.set()
 
     client.start_stream(callback=callback)
@@ -253,14 +254,16 @@ def test_predicted_length_orders_the_llm_queue(server):
         client.async_stream_infer("llm", build_inputs("Fill.", max_tokens=30 + 4 * i, ignore_eos=True),
                                   request_id=f"fill{i}", enable_empty_final_response=True)
     time.sleep(0.5)
-    client.async_stream_infer("llm", inputs("long job", 900), request_id="long", enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("mid job", 300), request_id="mid", enable_empty_final_response=True)
+    client.async_stream_infer("llm", inputs("long job", 19), request_id="long", enable_empty_final_response=True)
+    client.async_stream_infer("llm", inputs("mid job", 10), request_id="mid", enable_empty_final_response=True)
+    client.async_stream_infer("llm", inputs("capped job", 900, n=2), request_id="capped",
+                              enable_empty_final_response=True)
     client.async_stream_infer("llm", inputs("short job", 3), request_id="short", enable_empty_final_response=True)
     assert done.wait(180)
     client.stop_stream()
     client.close()
     queued = [rid for rid in order if not rid.startswith("fill")]
-    assert queued == ["short", "mid", "long"], order
+    assert queued == ["capped", "short", "mid", "long"], order
 
 
 def _pred(value):
