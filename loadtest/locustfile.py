@@ -4,7 +4,9 @@ Each request is reported twice: `ttft` (first token) and `jct` (final response),
 separate entries, both measured at the client. Settings from the environment:
   SSJF_PROMPTS     JSON lines with `prompt` (and `response`); default: a built-in set
   SSJF_MAX_TOKENS  cap per request (default 64); with SSJF_TRACE=1 the recorded
-                   response's token count is used instead, with ignore_eos
+                   response's token count is used instead, with ignore_eos (to compare
+                   policies that way, serve with SSJF_CAP_BY_MAX_TOKENS=0: max_tokens is then
+                   the true length, and SSJF must not read it)
   SSJF_MODEL       ensemble name (default ssjf)
   SSJF_RATE        steady Poisson-like load: total requests/s over all users (each user
                    waits an exponential time with mean users / rate between requests)
