@@ -134,6 +134,8 @@ class Encoder:
                 raise ValueError(f"{name} has {len(stack)} layers; asked for {layers}")
             del stack[layers:]
         self.lean = FastBert.supports(self.model)  # off while adapters train unmerged
+        # tokens the chat template adds around a prompt (last pooling counts only the prompt's own)
+        self._template_len = len(self._chat_ids("")) if pooling == "last" else 0
 
     def _layer_stack(self) -> torch.nn.ModuleList:
         for path in ("encoder.layer", "layers", "transformer.layer", "layer"):
@@ -200,7 +202,7 @@ class Encoder:
         pooling, the template's answer prefix for last pooling."""
         if self.pooling == "last":
             ids = [self._chat_ids(t) for t in texts]
-            extra, keep = len(self._chat_ids("")), 16
+            extra, keep = self._template_len, 16
         else:
             ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
             extra, keep = self.tokenizer.num_special_tokens_to_add(), 1

@@ -280,21 +280,21 @@ def main(argv=None) -> dict:
                                   len(model_names), args.finetune_rank, results[chosen]["val_kendall_tau"],
                                   args.finetune_epochs, args.finetune_lr, args.finetune_encoder_lr, seed=args.seed,
                                   log=lambda m: print(m, flush=True))
-    if args.finetune_rank and tuned is None:
-        print(f"fine-tuning did not beat the frozen encoder on validation; keeping {chosen} (frozen)")
-        results["finetune"] = {"kept": False, "train_s": round(time.time() - t0, 1)}
-    elif args.finetune_rank:
-        final = tuned
-        # test metrics through the serving path: adapters merged into the encoder in its serving dtype
-        served = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype, args.pooling)
-        served.load_adapters({k: v for k, v in final.items() if k.startswith(ADAPTER)})
-        emb_t, plen_t = served.encode([prompts[i] for i in np.flatnonzero(eval_rows)])
-        x_t = features(emb_t, plen_t, model_ids[eval_rows] if model_names else None, len(model_names))
-        pred = np.expm1(Head(final).predict_log(x_t))
-        chosen = f"{chosen}+finetune"
-        results[chosen] = {"val_kendall_tau": val_tau, **proxy_metrics(pred, lengths[eval_rows], edges),
-                           "train_s": round(time.time() - t0, 1), "rank": args.finetune_rank}
-        print(f"{chosen:15s} val tau {val_tau:.3f}  test {json.dumps(results[chosen])}", flush=True)
+        if tuned is None:
+            print(f"fine-tuning did not beat the frozen encoder on validation; keeping {chosen} (frozen)")
+            results["finetune"] = {"kept": False, "train_s": round(time.time() - t0, 1)}
+        else:
+            final = tuned
+            # test metrics through the serving path: the adapters merged into the frozen encoder loaded
+            # above (the serving dtype), as LengthPredictor will merge them
+            encoder.load_adapters({k: v for k, v in final.items() if k.startswith(ADAPTER)})
+            emb_t, plen_t = encoder.encode([prompts[i] for i in np.flatnonzero(eval_rows)])
+            x_t = features(emb_t, plen_t, model_ids[eval_rows] if model_names else None, len(model_names))
+            pred = np.expm1(Head(final).predict_log(x_t))
+            chosen = f"{chosen}+finetune"
+            results[chosen] = {"val_kendall_tau": val_tau, **proxy_metrics(pred, lengths[eval_rows], edges),
+                               "train_s": round(time.time() - t0, 1), "rank": args.finetune_rank}
+            print(f"{chosen:15s} val tau {val_tau:.3f}  test {json.dumps(results[chosen])}", flush=True)
     meta = {
         "objective": chosen,
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
