@@ -13,15 +13,20 @@ def test_from_strings_reads_parameters_and_env_overrides():
     assert EngineConfig.from_strings(params, environ={"SSJF_CAP_BY_MAX_TOKENS": "0"}).cap_by_max_tokens is False
 
 
-def test_the_scheduler_queue_gets_the_cap():
+def test_the_scheduler_queue_gets_the_cap_and_the_guard():
     from ssjf.scheduler import Scheduler
 
     assert Scheduler(EngineConfig(cap_by_max_tokens=False)).waiting.cap_by_max_tokens is False
-    assert Scheduler(EngineConfig()).waiting.cap_by_max_tokens is True
+    q = Scheduler(EngineConfig(max_batch_size=8)).waiting
+    assert (q.cap_by_max_tokens, q.max_bypass_ratio, q.max_passes, q.starvation_s, q.slots) == (True, 2.0, 0, 60.0, 8)
+    assert Scheduler(EngineConfig(batching="none", max_batch_size=8)).waiting.slots == 1
+    c = EngineConfig.from_strings({"max_bypass_ratio": "2"}, environ={"SSJF_MAX_BYPASS_RATIO": "0.5"})
+    assert c.max_bypass_ratio == 0.5
 
 
 @pytest.mark.parametrize("bad", [{"policy": "lifo"}, {"batching": "huge"}, {"max_batch_size": 0},
-                                 {"dtype": "int3"}, {"starvation_s": -1}, {"max_passes": -1}])
+                                 {"dtype": "int3"}, {"starvation_s": -1}, {"max_passes": -1},
+                                 {"max_bypass_ratio": -1}])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValueError):
         EngineConfig(**bad)

@@ -154,6 +154,8 @@ def test_factory():
     assert isinstance(make_queue("ssjf"), SSJFQueue)
     assert isinstance(make_queue("sjf_oracle"), OracleSJFQueue)
     assert make_queue("ssjf", cap_by_max_tokens=True).cap_by_max_tokens
+    q = make_queue("sjf_oracle", max_bypass_ratio=1.5, slots=8)
+    assert (q.max_bypass_ratio, q.slots) == (1.5, 8)
     with pytest.raises(ValueError, match="unknown policy"):
         make_queue("lifo")
 
@@ -176,6 +178,56 @@ def test_pass_bound_counts_only_later_arrivals():
     assert q.pop().request_id == "second"  # passes "first" once
     q.add(req("third", 1))
     assert q.pop().request_id == "first"  # now starving: served before the shorter "third"
+
+
+def test_bypass_bound_promotes_a_request_once_the_work_served_ahead_reaches_k_times_its_own():
+    q = SSJFQueue(max_bypass_ratio=2.0)
+    q.add(req("long", 100))
+    served = []
+    for i in range(6):  # a 50-token job arrives and one job is served, again and again
+        q.add(req(f"s{i}", 50))
+        served.append(q.pop().request_id)
+    assert served == ["s0", "s1", "s2", "s3", "long", "s4"]  # 4 x 50 = 2 x 100 passed it, then served
+
+
+def test_bypass_bound_is_per_batch_slot_and_relative_to_the_request_size():
+    for slots, size, passes in [(1, 100, 20), (2, 100, 40), (1, 30, 6)]:
+        q = SSJFQueue(max_bypass_ratio=2.0, slots=slots)
+        q.add(req("waiting", size))
+        served = []
+        while "waiting" not in served:  # 10-token jobs keep arriving and going first...
+            q.add(req(f"s{len(served)}", 10))
+            served.append(q.pop().request_id)
+        # ...until 2 x its own length per slot has passed it
+        assert served.index("waiting") == passes, (slots, size)
+
+
+def test_bypass_bound_does_not_count_earlier_arrivals_or_itself():
+    q = SSJFQueue(max_bypass_ratio=1.0)
+    q.add(req("early-short", 5))
+    q.add(req("late-long", 100))
+    assert q.pop().request_id == "early-short"  # an earlier arrival served first passes nobody
+    for i in range(3):
+        q.add(req(f"t{i}", 30))
+        q.pop()
+    assert [r.request_id for r in q] == ["late-long"]  # 90 < 100: not starving yet
+    q.add(req("t3", 30))
+    q.pop()
+    q.add(req("t4", 1))
+    assert q.pop().request_id == "late-long"  # 120 >= 100: served before the 1-token job
+
+
+def test_oracle_bypass_bound_uses_true_lengths():
+    q = OracleSJFQueue(max_bypass_ratio=1.0)
+    q.add(req("long", 1, max_tokens=60, ignore_eos=True))  # predicted 1 but truly 60
+    for i in range(3):
+        q.add(req(f"s{i}", 500, max_tokens=20, ignore_eos=True))
+    assert drain(q) == ["s0", "s1", "s2", "long"]  # 60 >= 60 only after the third
+    q = OracleSJFQueue(max_bypass_ratio=1.0)
+    q.add(req("long", 1, max_tokens=60, ignore_eos=True))
+    for i in range(4):
+        q.add(req(f"s{i}", 500, max_tokens=20, ignore_eos=True))
+    assert drain(q) == ["s0", "s1", "s2", "long", "s3"]
 
 
 def test_with_no_predictions_at_all_ssjf_is_fcfs():

@@ -192,6 +192,7 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     env = dict(os.environ, SSJF_POLICY=policy, SSJF_BATCHING=batching,
                SSJF_MAX_BATCH_SIZE=str(args.max_batch_size), SSJF_PROXY_ARTIFACT=args.artifact,
                SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_PASSES=str(args.max_passes),
+               SSJF_MAX_BYPASS_RATIO=str(args.max_bypass_ratio),
                SSJF_MAX_SEQ_LEN=str(args.max_seq_len),
                # trace replay's max_tokens *is* the true length: SSJF must not read it
                SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0")
@@ -290,7 +291,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
-    ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on later arrivals served first")
+    ap.add_argument("--max-bypass-ratio", type=float, default=2.0,
+                    help="the server's aging bound on the work of later arrivals served first, per batch slot, "
+                         "relative to the request's own length")
+    ap.add_argument("--max-passes", type=int, default=0, help="the server's aging bound on the number of later arrivals "
+                                                              "served first")
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
                          "shipped artifacts never saw); all: every row")

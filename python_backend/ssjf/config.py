@@ -22,7 +22,10 @@ class EngineConfig:
     default_max_tokens: int = 512
     starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
     max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
-    max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it; 0 disables
+    # aging: ... or once later arrivals served ahead of it add up, per batch slot, to this many times
+    # its own predicted length (its extra wait stays proportional to its size); 0 disables
+    max_bypass_ratio: float = 2.0
+    max_passes: int = 0  # aging: ... or once this many later arrivals went ahead of it, whatever their size; 0 disables
     cap_by_max_tokens: bool = True  # SSJF key = min(predicted length, max_tokens): no job outlives its max_tokens
     request_timeout_s: float = 600.0  # deadline from arrival unless the client sets a shorter one; 0 disables
     max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
@@ -44,7 +47,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("starvation_s", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
+        for name in ("starvation_s", "max_bypass_ratio", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.batching == "none":

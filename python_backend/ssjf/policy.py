@@ -2,10 +2,15 @@
 
 Every policy is a RequestQueue. Priority policies order by a key defined once
 (`sort_key`); ties go to the earlier arrival. The starvation guard (aging) sits in
-the priority queue. A request is *starving* once it has waited `starvation_s` or been
-passed over by `max_passes` later arrivals; starving requests are served before all
-others, oldest first. The pass bound is scale-free: a request waits at most for the
-requests ahead of it plus `max_passes` jobs, whatever the load or the hardware speed.
+the priority queue. A request is *starving* once any of its bounds is reached; starving
+requests are served before all others, oldest first. The bounds (each 0 = off):
+  starvation_s      it has waited this long;
+  max_bypass_ratio  the later arrivals served ahead of it add up, per batch slot, to this
+                    many times its own length (both as the policy estimates them): its
+                    extra wait from reordering is bounded relative to its own size, so a
+                    job predicted short is passed over little and a long one more;
+  max_passes        this many later arrivals were served ahead of it, whatever their size.
+The two pass bounds are scale-free: they hold whatever the load or the hardware speed.
 """
 
 from __future__ import annotations
@@ -83,11 +88,15 @@ class FCFSQueue(RequestQueue):
 class PriorityQueue(RequestQueue):
     """Smallest sort_key first, with the starvation guard over arrival order."""
 
-    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0):
+    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
+                 max_bypass_ratio: float = 0.0, slots: int = 1):
         self.starvation_s = starvation_s
         self.max_passes = max_passes
+        self.max_bypass_ratio = max_bypass_ratio
+        self.slots = max(1, slots)  # requests served at once: work passing a request is shared out among them
         self.clock = clock
         self._passes: dict[int, int] = {}  # seq -> later arrivals served ahead of it
+        self._bypassed: dict[int, float] = {}  # seq -> their summed sort keys (lengths)
         self._heap: list[tuple[float, int, Request]] = []
         self._fifo: collections.deque[Request] = collections.deque()
         self._live: dict[int, Request] = {}  # seq -> request; heap and fifo entries not here are stale
@@ -113,6 +122,9 @@ class PriorityQueue(RequestQueue):
     def is_starving(self, req: Request) -> bool:
         if self.max_passes > 0 and self._passes.get(req.seq, 0) >= self.max_passes:
             return True
+        if (self.max_bypass_ratio > 0
+                and self._bypassed.get(req.seq, 0.0) >= self.max_bypass_ratio * self.slots * max(self.sort_key(req), 1.0)):
+            return True
         return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
 
     def peek(self) -> Request:
@@ -126,15 +138,21 @@ class PriorityQueue(RequestQueue):
     def pop(self) -> Request:
         req = self.peek()
         del self._live[req.seq]
-        self._passes.pop(req.seq, None)
-        if self.max_passes > 0:
+        self._forget(req)
+        if self.max_passes > 0 or self.max_bypass_ratio > 0:
+            size = self.sort_key(req)
             for seq in self._live:  # everyone who arrived earlier was passed over once more
                 if seq < req.seq:
                     self._passes[seq] = self._passes.get(seq, 0) + 1
+                    self._bypassed[seq] = self._bypassed.get(seq, 0.0) + size
         return req
 
-    def remove(self, req: Request) -> bool:
+    def _forget(self, req: Request) -> None:
         self._passes.pop(req.seq, None)
+        self._bypassed.pop(req.seq, None)
+
+    def remove(self, req: Request) -> bool:
+        self._forget(req)
         return self._live.pop(req.seq, None) is not None
 
     def __len__(self) -> int:
@@ -154,8 +172,8 @@ class SSJFQueue(PriorityQueue):
     job cannot run longer than its client allows, whatever the proxy says."""
 
     def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
-                 cap_by_max_tokens: bool = False):
-        super().__init__(starvation_s, clock, max_passes)
+                 cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0, slots: int = 1):
+        super().__init__(starvation_s, clock, max_passes, max_bypass_ratio, slots)
         self.cap_by_max_tokens = cap_by_max_tokens
 
     def predicted(self, req: Request) -> float:
@@ -177,12 +195,12 @@ class OracleSJFQueue(SSJFQueue):
 
 
 def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
-               max_passes: int = 0, cap_by_max_tokens: bool = False) -> RequestQueue:
+               max_passes: int = 0, cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0,
+               slots: int = 1) -> RequestQueue:
     """The waiting queue for a policy name."""
     if policy == "fcfs":
         return FCFSQueue()
-    if policy == "ssjf":
-        return SSJFQueue(starvation_s, clock, max_passes, cap_by_max_tokens)
-    if policy == "sjf_oracle":
-        return OracleSJFQueue(starvation_s, clock, max_passes, cap_by_max_tokens)
+    if policy in ("ssjf", "sjf_oracle"):
+        cls = SSJFQueue if policy == "ssjf" else OracleSJFQueue
+        return cls(starvation_s, clock, max_passes, cap_by_max_tokens, max_bypass_ratio, slots)
     raise ValueError(f"unknown policy {policy!r}")

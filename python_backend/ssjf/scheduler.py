@@ -37,7 +37,8 @@ class Admission:
 class Scheduler:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.batching = config.batching
-        self.waiting = make_queue(config.policy, config.starvation_s, clock, config.max_passes, config.cap_by_max_tokens)
+        self.waiting = make_queue(config.policy, config.starvation_s, clock, config.max_passes, config.cap_by_max_tokens,
+                                  config.max_bypass_ratio, config.max_batch_size)
         self.running: list[Request] = []  # running[i].slot == i
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
 
