@@ -217,6 +217,25 @@ def test_bypass_bound_does_not_count_earlier_arrivals_or_itself():
     assert q.pop().request_id == "late-long"  # 120 >= 100: served before the 1-token job
 
 
+def test_in_request_level_batches_a_batch_holds_a_request_up_as_long_as_its_longest_job():
+    q = SSJFQueue(max_bypass_ratio=1.0, batch_rounds=True)
+    q.add(req("waiting", 100))
+    q.new_round()
+    for size in (30, 50, 20, 40):  # one batch of four passes it: held up 50 steps, not 140
+        q.add(req(f"a{size}", size))
+    assert [q.pop().request_id for _ in range(4)] == ["a20", "a30", "a40", "a50"]
+    q.new_round()
+    q.add(req("b40", 40))
+    q.add(req("b45", 45))
+    assert [q.pop().request_id for _ in range(2)] == ["b40", "b45"]  # held up 50 + 45 = 95 < 100
+    q.new_round()
+    q.add(req("c10", 10))
+    assert q.pop().request_id == "c10"  # 95 + 10 >= 100: starving now
+    q.new_round()
+    q.add(req("tiny", 1))
+    assert q.pop().request_id == "waiting"
+
+
 def test_oracle_bypass_bound_uses_true_lengths():
     q = OracleSJFQueue(max_bypass_ratio=1.0)
     q.add(req("long", 1, max_tokens=60, ignore_eos=True))  # predicted 1 but truly 60

@@ -49,8 +49,10 @@ class Job:
 
 # ---- workloads and arrivals ---------------------------------------------------------------
 def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bool, max_prompt_tokens: int,
-                  max_seq_len: int, split: str = "all", artifact: str = "recorded") -> list[tuple[str, int | None, int]]:
-    """(prompt, max_tokens or None, recorded length) for n rows sampled from data. split="test"
+                  max_seq_len: int, split: str = "all", artifact: str = "recorded",
+                  natural_max_tokens: int | None = None) -> list[tuple[str, int | None, int]]:
+    """(prompt, max_tokens, recorded length) for n rows sampled from data. In natural mode max_tokens
+    is natural_max_tokens (None: the server's default cap) and generation stops at EOS. split="test"
     keeps only prompts in the served artifact's held-out split (as its metadata records it), so
     the predictions the server makes are on prompts that artifact never saw."""
     from ssjf.data import count_tokens, load_rows, parse_data_spec, response_lengths
@@ -72,7 +74,7 @@ def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bo
         max_tokens = max(1, round(length * length_scale))
         if prompt_tokens > max_prompt_tokens or prompt_tokens + max_tokens > max_seq_len:
             continue
-        out.append((r.prompt, None if natural else max_tokens, length))
+        out.append((r.prompt, natural_max_tokens if natural else max_tokens, length))
         if len(out) == n:
             break
     if len(out) < n:
@@ -286,6 +288,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--trace-offset", type=int, default=0)
     ap.add_argument("--length-scale", type=float, default=1.0, help="max_tokens = scale x recorded length")
     ap.add_argument("--natural", action="store_true", help="stop at EOS instead of replaying recorded lengths")
+    ap.add_argument("--natural-max-tokens", type=int,
+                    help="natural mode: the max_tokens cap sent with each request (default: the server's, 512)")
     ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
     ap.add_argument("--max-batch-size", type=int, default=8, help="server's running-batch cap (continuous/dynamic)")
     ap.add_argument("--max-seq-len", type=int, default=2048)
@@ -310,7 +314,7 @@ def main(argv=None) -> dict:
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
 
     spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
-                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact)
+                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact, args.natural_max_tokens)
     lengths = [mt if mt is not None else n for _, mt, n in spec]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     policies = [p.strip() for p in args.policies.split(",")]

@@ -5,10 +5,14 @@ Every policy is a RequestQueue. Priority policies order by a key defined once
 the priority queue. A request is *starving* once any of its bounds is reached; starving
 requests are served before all others, oldest first. The bounds (each 0 = off):
   starvation_s      it has waited this long;
-  max_bypass_ratio  the later arrivals served ahead of it add up, per batch slot, to this
-                    many times its own length (both as the policy estimates them): its
-                    extra wait from reordering is bounded relative to its own size, so a
-                    job predicted short is passed over little and a long one more;
+  max_bypass_ratio  the later arrivals served ahead of it have held it up for this many
+                    times its own length in decode steps (lengths as the policy estimates
+                    them): its extra wait from reordering is bounded relative to its own
+                    size, so a job predicted short is passed over little and a long one
+                    more. A job of length L passing it holds it up L/slots steps when
+                    slots run side by side (continuous batching, or one slot), and in
+                    request-level batches (`batch_rounds`) a batch holds it up as long
+                    as the batch's longest job that passed it;
   max_passes        this many later arrivals were served ahead of it, whatever their size.
 The two pass bounds are scale-free: they hold whatever the load or the hardware speed.
 """
@@ -51,6 +55,9 @@ class RequestQueue:
     def __bool__(self) -> bool:
         return len(self) > 0
 
+    def new_round(self) -> None:
+        """The scheduler is about to admit a new request-level batch (dynamic batching)."""
+
 
 class FCFSQueue(RequestQueue):
     """First come, first served."""
@@ -89,14 +96,16 @@ class PriorityQueue(RequestQueue):
     """Smallest sort_key first, with the starvation guard over arrival order."""
 
     def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
-                 max_bypass_ratio: float = 0.0, slots: int = 1):
+                 max_bypass_ratio: float = 0.0, slots: int = 1, batch_rounds: bool = False):
         self.starvation_s = starvation_s
         self.max_passes = max_passes
         self.max_bypass_ratio = max_bypass_ratio
-        self.slots = max(1, slots)  # requests served at once: work passing a request is shared out among them
+        self.slots = max(1, slots)  # requests decoded side by side
+        self.batch_rounds = batch_rounds  # request-level batches: a batch lasts as long as its longest job
         self.clock = clock
         self._passes: dict[int, int] = {}  # seq -> later arrivals served ahead of it
-        self._bypassed: dict[int, float] = {}  # seq -> their summed sort keys (lengths)
+        self._held_up: dict[int, float] = {}  # seq -> decode steps those later arrivals held it up
+        self._round: dict[int, float] = {}  # seq -> the longest hold-up by one job of the current batch
         self._heap: list[tuple[float, int, Request]] = []
         self._fifo: collections.deque[Request] = collections.deque()
         self._live: dict[int, Request] = {}  # seq -> request; heap and fifo entries not here are stale
@@ -123,7 +132,7 @@ class PriorityQueue(RequestQueue):
         if self.max_passes > 0 and self._passes.get(req.seq, 0) >= self.max_passes:
             return True
         if (self.max_bypass_ratio > 0
-                and self._bypassed.get(req.seq, 0.0) >= self.max_bypass_ratio * self.slots * max(self.sort_key(req), 1.0)):
+                and self._held_up.get(req.seq, 0.0) >= self.max_bypass_ratio * max(self.sort_key(req), 1.0)):
             return True
         return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
 
@@ -140,16 +149,24 @@ class PriorityQueue(RequestQueue):
         del self._live[req.seq]
         self._forget(req)
         if self.max_passes > 0 or self.max_bypass_ratio > 0:
-            size = self.sort_key(req)
+            steps = self.sort_key(req) / self.slots
             for seq in self._live:  # everyone who arrived earlier was passed over once more
                 if seq < req.seq:
                     self._passes[seq] = self._passes.get(seq, 0) + 1
-                    self._bypassed[seq] = self._bypassed.get(seq, 0.0) + size
+                    held = steps
+                    if self.batch_rounds:  # only the part beyond this batch's earlier hold-ups of it
+                        before = self._round.get(seq, 0.0)
+                        held, self._round[seq] = max(0.0, steps - before), max(before, steps)
+                    self._held_up[seq] = self._held_up.get(seq, 0.0) + held
         return req
+
+    def new_round(self) -> None:
+        self._round.clear()
 
     def _forget(self, req: Request) -> None:
         self._passes.pop(req.seq, None)
-        self._bypassed.pop(req.seq, None)
+        self._held_up.pop(req.seq, None)
+        self._round.pop(req.seq, None)
 
     def remove(self, req: Request) -> bool:
         self._forget(req)
@@ -172,8 +189,9 @@ class SSJFQueue(PriorityQueue):
     job cannot run longer than its client allows, whatever the proxy says."""
 
     def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
-                 cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0, slots: int = 1):
-        super().__init__(starvation_s, clock, max_passes, max_bypass_ratio, slots)
+                 cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0, slots: int = 1,
+                 batch_rounds: bool = False):
+        super().__init__(starvation_s, clock, max_passes, max_bypass_ratio, slots, batch_rounds)
         self.cap_by_max_tokens = cap_by_max_tokens
 
     def predicted(self, req: Request) -> float:
@@ -196,11 +214,11 @@ class OracleSJFQueue(SSJFQueue):
 
 def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
                max_passes: int = 0, cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0,
-               slots: int = 1) -> RequestQueue:
+               slots: int = 1, batch_rounds: bool = False) -> RequestQueue:
     """The waiting queue for a policy name."""
     if policy == "fcfs":
         return FCFSQueue()
     if policy in ("ssjf", "sjf_oracle"):
         cls = SSJFQueue if policy == "ssjf" else OracleSJFQueue
-        return cls(starvation_s, clock, max_passes, cap_by_max_tokens, max_bypass_ratio, slots)
+        return cls(starvation_s, clock, max_passes, cap_by_max_tokens, max_bypass_ratio, slots, batch_rounds)
     raise ValueError(f"unknown policy {policy!r}")

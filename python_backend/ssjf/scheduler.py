@@ -37,8 +37,9 @@ class Admission:
 class Scheduler:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.batching = config.batching
+        dynamic = config.batching == "dynamic"  # a request-level batch holds the queue up as long as its longest job
         self.waiting = make_queue(config.policy, config.starvation_s, clock, config.max_passes, config.cap_by_max_tokens,
-                                  config.max_bypass_ratio, config.max_batch_size)
+                                  config.max_bypass_ratio, 1 if dynamic else config.max_batch_size, dynamic)
         self.running: list[Request] = []  # running[i].slot == i
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
 
@@ -51,8 +52,10 @@ class Scheduler:
 
     def schedule(self) -> list[Request]:
         """Admit waiting requests into free slots in policy order; returns those admitted."""
-        if self.batching == "dynamic" and self.running:
-            return []
+        if self.batching == "dynamic":
+            if self.running:
+                return []
+            self.waiting.new_round()
         admitted: list[Request] = []
         while self.waiting and self.admission.fits(self.waiting.peek(), len(self.running), admitted):
             admitted.append(self.waiting.pop())

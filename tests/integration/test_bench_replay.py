@@ -17,3 +17,16 @@ def test_trace_replay_against_a_running_server(server, tmp_path):
     assert 0 < m["mean_ttft_s"] <= m["mean_jct_s"]
     saved = json.loads(out.read_text())
     assert set(saved) >= {"config", "policies", "runs"} and out.with_suffix(".md").exists()
+
+
+def test_natural_replay_stops_at_eos_or_the_cap(server, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"Tell me a story about the number {i}.", "response": "x"})
+                              for i in range(4)))
+    out = tmp_path / "natural.json"
+    report = bench(["--data", str(rows), "--url", server.grpc_url, "--policies", "ssjf", "--num-requests", "4",
+                    "--rate", "20", "--natural", "--natural-max-tokens", "6", "--out", str(out)])
+    m = report["policies"]["ssjf"]
+    assert (m["completed"], m["failed"]) == (4, 0)
+    tokens_per_request = m["throughput_tok_s"] * m["duration_s"] / m["completed"]  # streamed chunks, not the rows'
+    assert 1 <= tokens_per_request <= 6  # a story runs long: the cap sent with each request ended it
