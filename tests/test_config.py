@@ -18,7 +18,7 @@ def test_the_scheduler_queue_gets_the_cap_and_the_guard():
 
     assert Scheduler(EngineConfig(cap_by_max_tokens=False)).waiting.cap_by_max_tokens is False
     q = Scheduler(EngineConfig(max_batch_size=8)).waiting
-    assert (q.cap_by_max_tokens, q.max_bypass_ratio, q.max_passes, q.starvation_s, q.slots) == (True, 2.0, 0, 60.0, 8)
+    assert (q.cap_by_max_tokens, q.max_bypass_ratio, q.max_passes, q.starvation_s, q.slots) == (True, 2.0, 16, 60.0, 8)
     assert Scheduler(EngineConfig(batching="none", max_batch_size=8)).waiting.slots == 1
     q = Scheduler(EngineConfig(batching="dynamic", max_batch_size=8)).waiting
     assert (q.slots, q.batch_rounds) == (1, True)  # a request-level batch lasts as long as its longest job

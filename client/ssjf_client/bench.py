@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-bypass-ratio", type=float, default=2.0,
                     help="the server's aging bound on the work of later arrivals served first, per batch slot, "
                          "relative to the request's own length")
-    ap.add_argument("--max-passes", type=int, default=0, help="the server's aging bound on the number of later arrivals "
+    ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on the number of later arrivals "
                                                               "served first")
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "

@@ -25,7 +25,7 @@ class EngineConfig:
     # aging: ... or once later arrivals served ahead of it add up, per batch slot, to this many times
     # its own predicted length (its extra wait stays proportional to its size); 0 disables
     max_bypass_ratio: float = 2.0
-    max_passes: int = 0  # aging: ... or once this many later arrivals went ahead of it, whatever their size; 0 disables
+    max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it, whatever their size; 0 disables
     cap_by_max_tokens: bool = True  # SSJF key = min(predicted length, max_tokens): no job outlives its max_tokens
     request_timeout_s: float = 600.0  # deadline from arrival unless the client sets a shorter one; 0 disables
     max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
