@@ -80,3 +80,24 @@ def test_aiperf_payload_template_renders_a_request_the_server_accepts():
     payload = json.loads(rendered)
     assert payload == {"text_input": 'say "hi"\nand go', "max_tokens": 7, "ignore_eos": True, "stream": True}
     assert set(payload) <= set(LLM_INPUTS)
+
+
+def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
+    from ssjf_client.bench import combine_rounds
+
+    def m(mean, p99, completed=10, failed=0):
+        return {"mean_jct_s": mean, "p99_jct_s": p99, "completed": completed, "failed": failed,
+                "paper_throughput_25pct_rps": None}
+
+    rounds = [{"fcfs": m(10.0, 20.0), "ssjf": m(8.0, 30.0)},  # a fast round...
+              {"fcfs": m(20.0, 40.0), "ssjf": m(18.0, 40.0, completed=9, failed=1)},  # ...and a slow one
+              {"fcfs": m(12.0, 24.0), "ssjf": m(6.0, 24.0)}]
+    out = combine_rounds(rounds)
+    s = out["ssjf"]
+    assert s["mean_jct_s"] == pytest.approx((8 + 18 + 6) / 3) and (s["completed"], s["failed"], s["rounds"]) == (29, 1, 3)
+    vs = s["mean_jct_s_vs_fcfs"]
+    assert vs["rounds"] == pytest.approx([0.8, 0.9, 0.5]) and vs["median"] == pytest.approx(0.8)
+    assert (vs["min"], vs["max"]) == (pytest.approx(0.5), pytest.approx(0.9))
+    assert s["p99_jct_s_vs_fcfs"]["median"] == pytest.approx(1.0)
+    assert out["fcfs"]["mean_jct_s_vs_fcfs"]["median"] == 1.0
+    assert "paper_throughput_25pct_rps" not in s  # a metric some round lacks is not averaged

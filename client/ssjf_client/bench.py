@@ -211,6 +211,32 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     return summarize(jobs, out_lengths), jobs
 
 
+def combine_rounds(rounds: list[dict]) -> dict:
+    """Per policy: the mean of each metric over rounds (completed and failed summed), and each
+    round's mean and p99 JCT as a ratio to that round's FCFS (`vs_fcfs`: median, min, max), the
+    comparison that survives a machine whose speed drifts between rounds."""
+    out = {}
+    for policy in rounds[0]:
+        ms = [r[policy] for r in rounds if r.get(policy, {}).get("completed")]
+        if not ms:
+            out[policy] = {"completed": 0, "failed": sum(r[policy].get("failed", 0) for r in rounds)}
+            continue
+        m = {k: float(np.mean([x[k] for x in ms])) for k, v in ms[0].items()
+             if isinstance(v, (int, float)) and all(x.get(k) is not None for x in ms)}
+        m["completed"] = sum(r[policy].get("completed", 0) for r in rounds)
+        m["failed"] = sum(r[policy].get("failed", 0) for r in rounds)
+        m["rounds"] = len(rounds)
+        pairs = [(r[policy], r["fcfs"]) for r in rounds
+                 if "fcfs" in r and r[policy].get("completed") and r["fcfs"].get("completed")]
+        for key in ("mean_jct_s", "p99_jct_s"):
+            ratios = [x[key] / f[key] for x, f in pairs]
+            if ratios:
+                m[f"{key}_vs_fcfs"] = {"median": float(np.median(ratios)), "min": float(min(ratios)),
+                                       "max": float(max(ratios)), "rounds": ratios}
+        out[policy] = m
+    return out
+
+
 def write_aiperf_input(path: str, spec, times) -> None:
     """The replay as aiperf's single_turn JSONL: text, timestamp (ms, for --fixed-schedule) and
     output_length (max_tokens; omitted in natural mode)."""
@@ -234,7 +260,11 @@ def markdown(report: dict) -> str:
         base = run["policies"].get("fcfs", {}).get("mean_jct_s")
         for name, m in run["policies"].items():
             cells = [f"{m[c]:.3f}" if isinstance(m.get(c), float) else str(m.get(c)) for c in cols]
-            ratio = f"{m['mean_jct_s'] / base:.2f}x" if base and m.get("mean_jct_s") else "-"
+            vs = m.get("mean_jct_s_vs_fcfs")
+            if vs and len(vs["rounds"]) > 1:
+                ratio = f"{vs['median']:.2f}x (rounds {vs['min']:.2f}-{vs['max']:.2f}x)"
+            else:
+                ratio = f"{m['mean_jct_s'] / base:.2f}x" if base and m.get("mean_jct_s") else "-"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -304,6 +334,9 @@ def main(argv=None) -> dict:
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
                          "shipped artifacts never saw); all: every row")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds per rate: each round runs every policy once on new arrival times (seed + round); "
+                         "the report gives each metric's mean over rounds and each round's ratio to FCFS")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
     ap.add_argument("--plots", help="folder for PNG plots (JCT CDF, JCT and TTFT against rate)")
@@ -327,22 +360,28 @@ def main(argv=None) -> dict:
                                                                    args.cv, args.azure_trace, args.trace_offset))
     for batching in [b.strip() for b in args.batching.split(",")]:
         for rate in rates:
-            times = arrival_times(args.arrivals, args.num_requests, rate, args.seed, args.cv, args.azure_trace,
-                                  args.trace_offset)
-            run = {"batching": batching, "rate": rate, "policies": {}}
+            run = {"batching": batching, "rate": rate, "policies": {}, "rounds": []}
             all_jobs[(batching, rate)] = {}
-            for policy in policies:
-                t0 = time.time()
-                metrics, jobs = run_policy(policy, args, spec, times, lengths, batching)
-                run["policies"][policy] = metrics
-                all_jobs[(batching, rate)][policy] = jobs
-                print(f"[{batching} rate={rate}] {policy:10s} mean JCT {metrics.get('mean_jct_s', float('nan')):7.2f}s "
-                      f"p99 {metrics.get('p99_jct_s', float('nan')):7.2f}s TTFT {metrics.get('mean_ttft_s', float('nan')):6.2f}s "
-                      f"busy {metrics.get('busy_fraction', 0):.2f} failed {metrics['failed']} ({time.time() - t0:.0f}s)",
-                      flush=True)
+            for r in range(args.repeats):  # rounds interleave the policies, so a drift in speed hits all of them
+                times = arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
+                                      args.trace_offset)
+                round_ = {}
+                for policy in policies:
+                    t0 = time.time()
+                    metrics, jobs = run_policy(policy, args, spec, times, lengths, batching)
+                    round_[policy] = metrics
+                    all_jobs[(batching, rate)].setdefault(policy, []).extend(jobs)
+                    print(f"[{batching} rate={rate}{f' round {r + 1}' if args.repeats > 1 else ''}] {policy:10s} "
+                          f"mean JCT {metrics.get('mean_jct_s', float('nan')):7.2f}s "
+                          f"p99 {metrics.get('p99_jct_s', float('nan')):7.2f}s TTFT {metrics.get('mean_ttft_s', float('nan')):6.2f}s "
+                          f"busy {metrics.get('busy_fraction', 0):.2f} failed {metrics['failed']} ({time.time() - t0:.0f}s)",
+                          flush=True)
+                run["rounds"].append(round_)
+                run["policies"] = combine_rounds(run["rounds"])
+                with open(args.out, "w") as f:  # written after every round: a long sweep keeps what it has
+                    json.dump({**report, "runs": report["runs"] + [run], "policies": (report["runs"] or [run])[0]["policies"]},
+                              f, indent=2)
             report["runs"].append(run)
-            with open(args.out, "w") as f:  # written after every run: a long sweep keeps what it has
-                json.dump({**report, "policies": report["runs"][0]["policies"]}, f, indent=2)
     report["policies"] = report["runs"][0]["policies"]  # the contract's shape, for the first run
     if args.plots:
         report["plots"] = plot(report, all_jobs, Path(args.plots))

@@ -1,6 +1,7 @@
 """`ssjf bench --url` replays a small trace against the session's server: every request completes."""
 
 import json
+import re
 
 from ssjf_client.bench import main as bench
 
@@ -30,3 +31,17 @@ def test_natural_replay_stops_at_eos_or_the_cap(server, tmp_path):
     assert (m["completed"], m["failed"]) == (4, 0)
     tokens_per_request = m["throughput_tok_s"] * m["duration_s"] / m["completed"]  # streamed chunks, not the rows'
     assert 1 <= tokens_per_request <= 6  # a story runs long: the cap sent with each request ended it
+
+
+def test_repeated_rounds_interleave_the_policies(server, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"Say {i}.", "response": "word " * (2 + 3 * i)}) for i in range(4)))
+    out = tmp_path / "rounds.json"
+    report = bench(["--data", str(rows), "--url", server.grpc_url, "--policies", "fcfs,ssjf", "--num-requests", "4",
+                    "--rate", "20", "--repeats", "2", "--out", str(out)])
+    run = report["runs"][0]
+    assert len(run["rounds"]) == 2 and all(set(r) == {"fcfs", "ssjf"} for r in run["rounds"])
+    m = run["policies"]["ssjf"]
+    assert (m["completed"], m["failed"], m["rounds"]) == (8, 0, 2)
+    assert len(m["mean_jct_s_vs_fcfs"]["rounds"]) == 2
+    assert re.search(r"\| \d+\.\d+x \(rounds \d+\.\d+-\d+\.\d+x\) \|", out.with_suffix(".md").read_text())
