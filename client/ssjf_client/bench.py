@@ -2,7 +2,8 @@
 
 For each batching mode and arrival rate, every policy gets a fresh tritonserver and the
 same replay: the same prompts, sent open-loop at the same arrival times over one gRPC
-stream. Trace replay (default): each request's `max_tokens` = length-scale x its recorded
+stream. `--repeats K` runs K such rounds (new arrival times each), interleaving the
+policies, and reports each round's ratio to FCFS as well as the means. Trace replay (default): each request's `max_tokens` = length-scale x its recorded
 response's token count (the served model's tokenizer), with `ignore_eos`, so the model does
 real work of the recorded length; the proxy (`recorded` artifact) predicts that length from
 the prompt, and oracle SJF knows it (SSJF's cap by max_tokens is off here, since max_tokens
