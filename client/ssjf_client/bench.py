@@ -3,9 +3,10 @@
 For each batching mode and arrival rate, every policy gets a fresh tritonserver and the
 same replay: the same prompts, sent open-loop at the same arrival times over one gRPC
 stream. `--repeats K` runs K such rounds (new arrival times each), interleaving the
-policies, and reports each round's ratio to FCFS as well as the means. Trace replay (default): each request's `max_tokens` = length-scale x its recorded
-response's token count (the served model's tokenizer), with `ignore_eos`, so the model does
-real work of the recorded length; the proxy (`recorded` artifact) predicts that length from
+policies, and reports each round's ratio to FCFS as well as the means. Trace replay
+(default): each request's `max_tokens` = length-scale x its recorded response's token count
+(the served model's tokenizer), with `ignore_eos`, so the model does real work of the
+recorded length; the proxy (`recorded` artifact) predicts that length from
 the prompt, and oracle SJF knows it (SSJF's cap by max_tokens is off here, since max_tokens
 carries the true length). Natural workload: generation stops at EOS (`smollm2`
 artifact; the oracle then has no true length and falls back to the prediction).
@@ -327,8 +328,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
     ap.add_argument("--max-bypass-ratio", type=float, default=2.0,
-                    help="the server's aging bound on the work of later arrivals served first, per batch slot, "
-                         "relative to the request's own length")
+                    help="the server's aging bound on how long later arrivals served first held a request up, "
+                         "in decode steps, relative to its own length")
     ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on the number of later arrivals "
                                                               "served first")
     ap.add_argument("--split", choices=["all", "test"], default="all",
@@ -357,8 +358,10 @@ def main(argv=None) -> dict:
     report = {"config": config, "metrics": __doc__.split("Metrics", 1)[1].strip(), "runs": []}
     all_jobs = {}
     if args.aiperf_input:
-        write_aiperf_input(args.aiperf_input, spec, arrival_times(args.arrivals, args.num_requests, rates[0], args.seed,
-                                                                   args.cv, args.azure_trace, args.trace_offset))
+        aiperf_spec = [(p, None if args.natural else mt, n) for p, mt, n in spec]  # natural: no output_length
+        write_aiperf_input(args.aiperf_input, aiperf_spec, arrival_times(args.arrivals, args.num_requests, rates[0],
+                                                                         args.seed, args.cv, args.azure_trace,
+                                                                         args.trace_offset))
     for batching in [b.strip() for b in args.batching.split(",")]:
         for rate in rates:
             run = {"batching": batching, "rate": rate, "policies": {}, "rounds": []}

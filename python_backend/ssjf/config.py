@@ -22,8 +22,8 @@ class EngineConfig:
     default_max_tokens: int = 512
     starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
     max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
-    # aging: ... or once later arrivals served ahead of it add up, per batch slot, to this many times
-    # its own predicted length (its extra wait stays proportional to its size); 0 disables
+    # aging: ... or once later arrivals served ahead of it have held it up, in decode steps, for this
+    # many times its own predicted length (its extra wait stays proportional to its size); 0 disables
     max_bypass_ratio: float = 2.0
     max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it, whatever their size; 0 disables
     cap_by_max_tokens: bool = True  # SSJF key = min(predicted length, max_tokens): no job outlives its max_tokens
