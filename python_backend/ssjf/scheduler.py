@@ -38,8 +38,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.batching = config.batching
         dynamic = config.batching == "dynamic"  # a request-level batch holds the queue up as long as its longest job
-        self.waiting = make_queue(config.policy, config.starvation_s, clock, config.max_passes, config.cap_by_max_tokens,
-                                  config.max_bypass_ratio, 1 if dynamic else config.max_batch_size, dynamic)
+        self.waiting = make_queue(config.policy, config.starvation_s, clock, max_passes=config.max_passes,
+                                  cap_by_max_tokens=config.cap_by_max_tokens, max_bypass_ratio=config.max_bypass_ratio,
+                                  slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic)
         self.running: list[Request] = []  # running[i].slot == i
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
 
