@@ -101,3 +101,25 @@ def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
     assert s["p99_jct_s_vs_fcfs"]["median"] == pytest.approx(1.0)
     assert out["fcfs"]["mean_jct_s_vs_fcfs"]["median"] == 1.0
     assert "paper_throughput_25pct_rps" not in s  # a metric some round lacks is not averaged
+
+
+def test_slo_capacity_is_the_highest_rate_before_the_first_miss():
+    from ssjf_client.bench import slo_capacity
+
+    def run(rate, **p90):
+        return {"batching": "continuous", "rate": rate,
+                "policies": {k: {"p90_norm_latency_s_per_tok": v, "completed": 5} for k, v in p90.items()}}
+
+    runs = [run(1.5, fcfs=3.0, ssjf=0.9, sjf_oracle=0.4), run(0.5, fcfs=0.2, ssjf=0.2, sjf_oracle=0.2),
+            run(1.0, fcfs=0.8, ssjf=0.3, sjf_oracle=0.3), run(2.0, fcfs=0.4, ssjf=5.0, sjf_oracle=0.45)]
+    cap = slo_capacity(runs, 0.5)["capacity"]["continuous"]
+    # fcfs misses at 1.0 (0.2 -> 0.8 crosses 0.5 halfway); its lucky 0.4 at 2.0 does not count
+    assert cap["fcfs"] == {"max_rate_rps": 0.5, "interpolated_rate_rps": pytest.approx(0.75), "bounded": True}
+    assert cap["ssjf"]["max_rate_rps"] == 1.0 and cap["ssjf"]["interpolated_rate_rps"] == pytest.approx(1.0 + 0.2 / 0.6 * 0.5)
+    assert cap["sjf_oracle"] == {"max_rate_rps": 2.0, "interpolated_rate_rps": 2.0, "bounded": False}
+    assert slo_capacity(runs, 0.1)["capacity"]["continuous"]["fcfs"]["max_rate_rps"] is None  # misses at the lowest
+    failed = [run(0.5, fcfs=0.2), {"batching": "continuous", "rate": 1.0, "policies": {"fcfs": {"completed": 0}}}]
+    assert slo_capacity(failed, 0.5)["capacity"]["continuous"]["fcfs"]["max_rate_rps"] == 0.5  # a failed run misses
+
+    md = markdown({"config": {"arrivals": "poisson", "num_requests": 5}, "runs": runs, "slo": slo_capacity(runs, 0.5)})
+    assert "| continuous | ssjf | 1 | 1.17 | 1.56x |" in md and "| continuous | sjf_oracle | 2 (or more) | 2.00 | - |" in md

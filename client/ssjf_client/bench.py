@@ -16,7 +16,10 @@ arrival; normalized latency = JCT / output tokens. Throughput = completed reques
 output tokens) per second from the first arrival to the last completion. The paper's
 "throughput" (jobs finished by the time 25% of jobs are done, over that time) is reported
 separately as `paper_throughput_25pct_rps`. Utilization: the fraction of the run with at
-least one request in the system, and the time-averaged number in the system.
+least one request in the system, and the time-averaged number in the system. Capacity under
+an SLO (a load sweep, `--rates`): per policy, the highest swept arrival rate up to which p90
+normalized latency stays within `--slo-norm-latency` (s/token), and that rate interpolated
+linearly between the last swept rate that meets it and the first that does not.
 """
 
 from __future__ import annotations
@@ -239,6 +242,31 @@ def combine_rounds(rounds: list[dict]) -> dict:
     return out
 
 
+def slo_capacity(runs: list[dict], slo: float, key: str = "p90_norm_latency_s_per_tok") -> dict:
+    """Per batching mode and policy, the highest arrival rate at which `key` stays within `slo`.
+    Rates are scanned upwards and the scan stops at the first miss, so a lucky point above a
+    miss does not count. `max_rate_rps`: the last swept rate that meets the SLO (None: even the
+    lowest misses it); `interpolated_rate_rps`: where `key` crosses the SLO between that rate and
+    the next; `bounded`: False when every swept rate meets it (the capacity is at least the top rate)."""
+    out: dict = {}
+    for batching in dict.fromkeys(r["batching"] for r in runs):
+        sweep = sorted((r for r in runs if r["batching"] == batching), key=lambda r: r["rate"])
+        for policy in sweep[0]["policies"]:
+            points = [(r["rate"], r["policies"].get(policy, {}).get(key)) for r in sweep]
+            best, interp, bounded = None, None, False
+            for i, (rate, value) in enumerate(points):
+                if value is None or value > slo:
+                    bounded = True
+                    if best is not None and value is not None:
+                        lo_rate, lo_value = points[i - 1]
+                        interp = lo_rate + (slo - lo_value) / (value - lo_value) * (rate - lo_rate)
+                    break
+                best = interp = rate
+            out.setdefault(batching, {})[policy] = {"max_rate_rps": best, "interpolated_rate_rps": interp,
+                                                    "bounded": bounded}
+    return {"slo_s_per_token": slo, "metric": key, "capacity": out}
+
+
 def write_aiperf_input(path: str, spec, times) -> None:
     """The replay as aiperf's single_turn JSONL: text, timestamp (ms, for --fixed-schedule) and
     output_length (max_tokens; omitted in natural mode)."""
@@ -268,6 +296,18 @@ def markdown(report: dict) -> str:
             else:
                 ratio = f"{m['mean_jct_s'] / base:.2f}x" if base and m.get("mean_jct_s") else "-"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    slo = report.get("slo")
+    if slo and len(report["runs"]) > len(slo["capacity"]):  # a sweep: some mode has more than one rate
+        lines.append(f"\n### capacity: highest arrival rate with p90 normalized latency <= {slo['slo_s_per_token']} s/token\n")
+        lines.append("| batching | policy | highest swept rate | interpolated | vs FCFS |")
+        lines.append("|---|---|---|---|---|")
+        for batching, per_policy in slo["capacity"].items():
+            base = per_policy.get("fcfs", {}).get("interpolated_rate_rps")
+            for name, c in per_policy.items():
+                rate, interp = c["max_rate_rps"], c["interpolated_rate_rps"]
+                shown = "below the sweep" if rate is None else f"{rate:g}" + ("" if c["bounded"] else " (or more)")
+                ratio = f"{interp / base:.2f}x" if interp and base and c["bounded"] else "-"
+                lines.append(f"| {batching} | {name} | {shown} | {'-' if interp is None else f'{interp:.2f}'} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +321,7 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
     files = []
     for batching in sorted({r["batching"] for r in report["runs"]}):
         runs = [r for r in report["runs"] if r["batching"] == batching]
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        fig, ax = plt.subplots(1, 4, figsize=(20, 4))
         last = runs[-1]
         for policy, jobs in all_jobs[(batching, last["rate"])].items():
             jct = np.sort([j.done - j.arrival for j in jobs if j.error is None and j.done is not None])
@@ -292,8 +332,13 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
             ax[1].plot(rates, [r["policies"][policy].get("mean_jct_s") for r in runs], "o-", label=f"{policy} mean")
             ax[1].plot(rates, [r["policies"][policy].get("p99_jct_s") for r in runs], "x--", label=f"{policy} p99")
             ax[2].plot(rates, [r["policies"][policy].get("mean_ttft_s") for r in runs], "o-", label=policy)
+            ax[3].plot(rates, [r["policies"][policy].get("p90_norm_latency_s_per_tok") for r in runs], "o-", label=policy)
+        slo = report.get("slo", {}).get("slo_s_per_token")
+        if slo is not None:
+            ax[3].axhline(slo, color="grey", linestyle=":", label=f"SLO {slo} s/token")
         ax[1].set(title="JCT vs arrival rate", xlabel="req/s", ylabel="s")
         ax[2].set(title="mean TTFT vs arrival rate", xlabel="req/s", ylabel="s")
+        ax[3].set(title="p90 normalized latency vs arrival rate", xlabel="req/s", ylabel="s/token", yscale="log")
         for a in ax:
             a.legend(fontsize=7)
         fig.suptitle(f"batching = {batching}")
@@ -335,13 +380,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
                          "shipped artifacts never saw); all: every row")
+    ap.add_argument("--slo-norm-latency", type=float, default=0.5,
+                    help="SLO on p90 normalized latency (s/token) for a sweep's capacity: the highest rate that meets "
+                         "it, per policy (0.5 suits this 2-core CPU; on a GPU a tenth of that)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds per rate: each round runs every policy once on new arrival times (seed + round); "
                          "the report gives each metric's mean over rounds and each round's ratio to FCFS")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
-    ap.add_argument("--plots", help="folder for PNG plots (JCT CDF, JCT and TTFT against rate)")
+    ap.add_argument("--plots", help="folder for PNG plots (JCT CDF; JCT, TTFT and p90 normalized latency against rate)")
     ap.add_argument("--aiperf-input", help="also write this replay (first rate) as an aiperf single_turn JSONL: the "
                                            "same prompts, arrival times and max_tokens, for an outside cross-check")
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
@@ -387,6 +435,7 @@ def main(argv=None) -> dict:
                               f, indent=2)
             report["runs"].append(run)
     report["policies"] = report["runs"][0]["policies"]  # the contract's shape, for the first run
+    report["slo"] = slo_capacity(report["runs"], args.slo_norm_latency)
     if args.plots:
         report["plots"] = plot(report, all_jobs, Path(args.plots))
     with open(args.out, "w") as f:

@@ -45,3 +45,16 @@ def test_repeated_rounds_interleave_the_policies(server, tmp_path):
     assert (m["completed"], m["failed"], m["rounds"]) == (8, 0, 2)
     assert len(m["mean_jct_s_vs_fcfs"]["rounds"]) == 2
     assert re.search(r"\| \d+\.\d+x \(rounds \d+\.\d+-\d+\.\d+x\) \|", out.with_suffix(".md").read_text())
+
+
+def test_load_sweep_reports_capacity_under_the_slo_and_plots(server, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"Count to {i}.", "response": "word " * (2 + 2 * i)}) for i in range(4)))
+    out, plots = tmp_path / "sweep.json", tmp_path / "plots"
+    report = bench(["--data", str(rows), "--url", server.grpc_url, "--policies", "fcfs,ssjf", "--num-requests", "4",
+                    "--rates", "10,20", "--slo-norm-latency", "1000", "--plots", str(plots), "--out", str(out)])
+    assert [r["rate"] for r in report["runs"]] == [10.0, 20.0]
+    capacity = report["slo"]["capacity"]["continuous"]
+    assert capacity["ssjf"] == {"max_rate_rps": 20.0, "interpolated_rate_rps": 20.0, "bounded": False}  # a loose SLO
+    assert report["plots"] == [str(plots / "bench_continuous.png")] and (plots / "bench_continuous.png").stat().st_size
+    assert "highest swept rate" in out.with_suffix(".md").read_text()
