@@ -323,16 +323,19 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
         runs = [r for r in report["runs"] if r["batching"] == batching]
         fig, ax = plt.subplots(1, 4, figsize=(20, 4))
         last = runs[-1]
-        for policy, jobs in all_jobs[(batching, last["rate"])].items():
+        for k, (policy, jobs) in enumerate(all_jobs[(batching, last["rate"])].items()):
             jct = np.sort([j.done - j.arrival for j in jobs if j.error is None and j.done is not None])
-            ax[0].plot(jct, np.arange(1, len(jct) + 1) / len(jct), label=policy)
+            ax[0].plot(jct, np.arange(1, len(jct) + 1) / len(jct), color=f"C{k}", label=policy)
         ax[0].set(title=f"JCT CDF, rate {last['rate']}/s", xlabel="JCT (s)", ylabel="fraction")
-        for policy in last["policies"]:
-            rates = [r["rate"] for r in runs]
-            ax[1].plot(rates, [r["policies"][policy].get("mean_jct_s") for r in runs], "o-", label=f"{policy} mean")
-            ax[1].plot(rates, [r["policies"][policy].get("p99_jct_s") for r in runs], "x--", label=f"{policy} p99")
-            ax[2].plot(rates, [r["policies"][policy].get("mean_ttft_s") for r in runs], "o-", label=policy)
-            ax[3].plot(rates, [r["policies"][policy].get("p90_norm_latency_s_per_tok") for r in runs], "o-", label=policy)
+        rates = [r["rate"] for r in runs]
+        for k, policy in enumerate(last["policies"]):
+            def series(key, policy=policy):
+                return [r["policies"][policy].get(key) for r in runs]
+            c = f"C{k}"  # one colour per policy in every panel
+            ax[1].plot(rates, series("mean_jct_s"), "o-", color=c, label=f"{policy} mean")
+            ax[1].plot(rates, series("p99_jct_s"), "x--", color=c, label=f"{policy} p99")
+            ax[2].plot(rates, series("mean_ttft_s"), "o-", color=c, label=policy)
+            ax[3].plot(rates, series("p90_norm_latency_s_per_tok"), "o-", color=c, label=policy)
         slo = report.get("slo", {}).get("slo_s_per_token")
         if slo is not None:
             ax[3].axhline(slo, color="grey", linestyle=":", label=f"SLO {slo} s/token")
