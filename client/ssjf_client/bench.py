@@ -302,7 +302,8 @@ def markdown(report: dict) -> str:
         lines.append("| batching | policy | highest swept rate | interpolated | vs FCFS |")
         lines.append("|---|---|---|---|---|")
         for batching, per_policy in slo["capacity"].items():
-            base = per_policy.get("fcfs", {}).get("interpolated_rate_rps")
+            fcfs = per_policy.get("fcfs", {})
+            base = fcfs.get("interpolated_rate_rps") if fcfs.get("bounded") else None  # no ratio to a lower bound
             for name, c in per_policy.items():
                 rate, interp = c["max_rate_rps"], c["interpolated_rate_rps"]
                 shown = "below the sweep" if rate is None else f"{rate:g}" + ("" if c["bounded"] else " (or more)")
