@@ -435,8 +435,9 @@ def main(argv=None) -> dict:
                 run["rounds"].append(round_)
                 run["policies"] = combine_rounds(run["rounds"])
                 with open(args.out, "w") as f:  # written after every round: a long sweep keeps what it has
-                    json.dump({**report, "runs": report["runs"] + [run], "policies": (report["runs"] or [run])[0]["policies"]},
-                              f, indent=2)
+                    so_far = report["runs"] + [run]
+                    json.dump({**report, "runs": so_far, "policies": so_far[0]["policies"],
+                               "slo": slo_capacity(so_far, args.slo_norm_latency)}, f, indent=2)
             report["runs"].append(run)
     report["policies"] = report["runs"][0]["policies"]  # the contract's shape, for the first run
     report["slo"] = slo_capacity(report["runs"], args.slo_norm_latency)

@@ -59,3 +59,4 @@ def test_load_sweep_reports_capacity_under_the_slo_and_plots(server, tmp_path):
     assert capacity["ssjf"] == {"max_rate_rps": 20.0, "interpolated_rate_rps": 20.0, "bounded": False}  # a loose SLO
     assert report["plots"] == [str(plots / "bench_continuous.png")] and (plots / "bench_continuous.png").stat().st_size
     assert "highest swept rate" in out.with_suffix(".md").read_text()
+    assert json.loads(out.read_text())["slo"] == report["slo"]
