@@ -247,7 +247,8 @@ def slo_capacity(runs: list[dict], slo: float, key: str = "p90_norm_latency_s_pe
     Rates are scanned upwards and the scan stops at the first miss, so a lucky point above a
     miss does not count. `max_rate_rps`: the last swept rate that meets the SLO (None: even the
     lowest misses it); `interpolated_rate_rps`: where `key` crosses the SLO between that rate and
-    the next; `bounded`: False when every swept rate meets it (the capacity is at least the top rate)."""
+    the next; `bounded`: False when every swept rate meets it (the capacity is at least the top rate).
+    With `--repeats`, a rate's value is the mean of its rounds' values (as every metric of a run)."""
     out: dict = {}
     for batching in dict.fromkeys(r["batching"] for r in runs):
         sweep = sorted((r for r in runs if r["batching"] == batching), key=lambda r: r["rate"])
@@ -330,13 +331,12 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
         ax[0].set(title=f"JCT CDF, rate {last['rate']}/s", xlabel="JCT (s)", ylabel="fraction")
         rates = [r["rate"] for r in runs]
         for k, policy in enumerate(last["policies"]):
-            def series(key, policy=policy):
-                return [r["policies"][policy].get(key) for r in runs]
+            per_rate = [r["policies"][policy] for r in runs]
             c = f"C{k}"  # one colour per policy in every panel
-            ax[1].plot(rates, series("mean_jct_s"), "o-", color=c, label=f"{policy} mean")
-            ax[1].plot(rates, series("p99_jct_s"), "x--", color=c, label=f"{policy} p99")
-            ax[2].plot(rates, series("mean_ttft_s"), "o-", color=c, label=policy)
-            ax[3].plot(rates, series("p90_norm_latency_s_per_tok"), "o-", color=c, label=policy)
+            ax[1].plot(rates, [m.get("mean_jct_s") for m in per_rate], "o-", color=c, label=f"{policy} mean")
+            ax[1].plot(rates, [m.get("p99_jct_s") for m in per_rate], "x--", color=c, label=f"{policy} p99")
+            ax[2].plot(rates, [m.get("mean_ttft_s") for m in per_rate], "o-", color=c, label=policy)
+            ax[3].plot(rates, [m.get("p90_norm_latency_s_per_tok") for m in per_rate], "o-", color=c, label=policy)
         slo = report.get("slo", {}).get("slo_s_per_token")
         if slo is not None:
             ax[3].axhline(slo, color="grey", linestyle=":", label=f"SLO {slo} s/token")
