@@ -1,4 +1,4 @@
-"""The proxy pipeline on a small synthetic set: split by prompt, train each objective, save, load, evaluate."""
+"""The proxy pipeline on a small synthetic set: split by conversation and prompt, train each objective, save, load, evaluate."""
 
 import json
 import random
@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from ssjf.eval_proxy import in_test_split, proxy_metrics
+from ssjf.data import Row
+from ssjf.eval_proxy import held_out, in_test_split, proxy_metrics, split_key, split_meta
 from ssjf.proxy import LengthPredictor
 from ssjf.train_proxy import main as train
 
@@ -37,6 +38,29 @@ def test_split_is_by_prompt():
         sides.setdefault(p, set()).add(in_test_split(p, 0.3))
     assert all(len(s) == 1 for s in sides.values())
     assert 0.1 < np.mean([in_test_split(f"q{i}", 0.3) for i in range(2000)]) < 0.5
+
+
+def test_split_keeps_a_conversation_together_and_a_prompt_on_one_side():
+    rows = []
+    for c in range(300):  # turns of one conversation share a topic; "continue" recurs in many
+        rows += [Row(prompt=f"write section {k} of the report on topic {c}", id=f"conv{c}#{2 * k}") for k in range(3)]
+        rows.append(Row(prompt="continue", id=f"conv{c}#7"))
+    rows += [Row(prompt=f"standalone {i}", id=f"alpaca/{i}") for i in range(200)]  # no conversation
+    rows.append(Row(prompt="write section 0 of the report on topic 0", id="alpaca/x"))  # also outside it
+    meta = {"test_fraction": 0.3, "split_seed": 2, "split": split_meta(rows)}
+    assert len(meta["split"]["shared_prompts"]) == 2  # "continue", and the prompt seen in and outside conv0
+    sides = [held_out(r, meta) for r in rows]
+    by_conv, by_prompt = {}, {}
+    for r, side in zip(rows, sides):
+        by_prompt.setdefault(r.prompt, set()).add(side)
+        if r.prompt not in ("continue", "write section 0 of the report on topic 0") and "#" in r.id:
+            by_conv.setdefault(r.id.split("#")[0], set()).add(side)
+    assert all(len(s) == 1 for s in by_prompt.values()) and all(len(s) == 1 for s in by_conv.values())
+    assert 0.15 < np.mean([s.pop() for s in by_conv.values()]) < 0.45
+    assert split_key(rows[0], set()) == "conversation:conv0" and split_key(rows[-2], set()) == "standalone 199"
+    # an artifact without a recorded split (trained before conversation splits) splits by prompt
+    old = {"test_fraction": 0.3, "split_seed": 2}
+    assert [held_out(r, old) for r in rows] == [in_test_split(r.prompt, 0.3, 2) for r in rows]
 
 
 def test_metrics():
@@ -169,12 +193,38 @@ def test_last_token_pooling_on_the_served_llm():
 
 
 def test_held_out_follows_the_split_an_artifact_records():
-    from ssjf.eval_proxy import held_out
     from ssjf.proxy import read_meta
 
-    prompts = [f"q{i}" for i in range(400)]
-    meta = {"test_fraction": 0.3, "split_seed": 5}
-    assert [held_out(p, meta) for p in prompts] == [in_test_split(p, 0.3, 5) for p in prompts]
+    rows = [Row(prompt=f"q{i}", id=f"c{i // 4}#{i % 4}") for i in range(400)]
+    meta = {"test_fraction": 0.3, "split_seed": 5, "split": split_meta(rows)}
+    assert [held_out(r, meta) for r in rows] == [in_test_split(f"conversation:c{i // 4}", 0.3, 5) for i in range(400)]
     for name in ("recorded", "recorded-l16"):  # what `ssjf bench --split test` holds out for each
         m = read_meta(name)
-        assert (m["test_fraction"], m["split_seed"]) == (0.2, 0)
+        assert (m["test_fraction"], m["split_seed"], m["split"]["by"]) == (0.2, 0, "conversation")
+
+
+def test_profile_records_the_served_models_lengths_and_resumes(tmp_path):
+    from ssjf.profile import main as profile
+
+    src = tmp_path / "sharegpt.json"
+    convs = [{"id": "c1", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"},
+                                            {"from": "human", "value": "Count to ten."}, {"from": "gpt", "value": "1 2 3"}]},
+             {"id": "c2", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hello."}]}]
+    src.write_text(json.dumps(convs))
+    out = tmp_path / "profile.jsonl"
+    assert profile(["--data", str(src), "--out", str(out), "--max-tokens", "5", "--limit", "1", "--batch", "2"]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 1  # --limit: stopped after one prompt; the rerun picks up the rest
+    profile(["--data", str(src), "--out", str(out), "--max-tokens", "5", "--batch", "2"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == ["Count to ten.", "Say hi."]  # each distinct prompt once
+    assert {r["prompt"]: r["id"] for r in rows} == {"Say hi.": "c1#0", "Count to ten.": "c1#1"}  # the source turn
+    for r in rows:
+        assert 1 <= r["length"] <= 5 and r["finish_reason"] in ("stop", "length") and r["response"]
+        assert r["model"].lower().startswith("smollm2")
+    # what train-proxy reads back: both turns of c1 belong to one conversation, so one side of the split
+    from ssjf.data import load_rows
+
+    back = list(load_rows(out))
+    meta = {"test_fraction": 0.5, "split_seed": 0, "split": split_meta(back)}
+    assert len({held_out(r, meta) for r in back}) == 1

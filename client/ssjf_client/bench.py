@@ -68,7 +68,7 @@ def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bo
     rows = [r for r in load_rows(path, models) if r.response or r.length]
     if split == "test":
         meta = read_meta(artifact)
-        rows = [r for r in rows if held_out(r.prompt, meta)]
+        rows = [r for r in rows if held_out(r, meta)]
     lengths = response_lengths(rows)
     prompt_tokens_of = count_tokens([r.prompt for r in rows])
     rng = np.random.default_rng(seed)

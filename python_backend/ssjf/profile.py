@@ -2,7 +2,8 @@
 
 Natural mode: generation stops at EOS, with a cap (--max-tokens). Greedy by default, as
 the server's default temperature. Output is JSON lines (`id`, `prompt`, `response`,
-`length`, `finish_reason`, `model`), appended as requests finish; a rerun skips prompts
+`length`, `finish_reason`, `model`; `id` is the source row's, so conversation turns stay
+grouped for train-proxy's split), appended as requests finish; a rerun skips prompts
 already in the file, so an interrupted profile resumes where it stopped.
 """
 
@@ -53,12 +54,12 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
             seen = {json.loads(line)["prompt"] for line in f if line.strip()}
-    prompts: list[str] = []
+    prompts: list[tuple[str, str]] = []  # (prompt, source row id)
     for path in args.data:
         for row in load_rows(path):
             if row.prompt not in seen:
                 seen.add(row.prompt)
-                prompts.append(row.prompt)
+                prompts.append((row.prompt, row.id))
     if args.limit:
         prompts = prompts[: args.limit]
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, policy="fcfs",
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     model_name = os.path.basename(os.path.normpath(engine.runner.model.name_or_path)) or args.model
     pending = iter(enumerate(prompts))
     active: list[Request] = []
-    texts: dict[str, str] = {}  # request id -> prompt text
+    texts: dict[str, tuple[str, str]] = {}  # request id -> (prompt text, source row id)
     skipped = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc="profile")
     start = time.time()
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
                 item = next(pending, None)
                 if item is None:
                     break
-                i, prompt = item
+                i, (prompt, source_id) = item
                 req = Request(f"p{i}", engine.encode_prompt(prompt), max_tokens=args.max_tokens, sink=_Collect(),
                               temperature=args.temperature)
                 try:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                     skipped += 1
                     bar.update(1)
                     continue
-                texts[req.request_id] = prompt
+                texts[req.request_id] = (prompt, source_id)
                 engine.add_request(req)
                 active.append(req)
             if not active:
@@ -97,10 +98,10 @@ def main(argv=None) -> int:
             for req in [r for r in active if r.is_done]:
                 active.remove(req)
                 bar.update(1)
-                prompt = texts.pop(req.request_id)
+                prompt, source_id = texts.pop(req.request_id)
                 if req.finish_reason is None:
                     continue
-                out.write(json.dumps({"id": req.request_id, "prompt": prompt, "response": req.text,
+                out.write(json.dumps({"id": source_id, "prompt": prompt, "response": req.text,
                                       "length": len(req.output_ids), "finish_reason": req.finish_reason,
                                       "model": model_name}, ensure_ascii=False) + "\n")
                 out.flush()

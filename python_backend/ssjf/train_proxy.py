@@ -12,8 +12,9 @@ validation split. `--finetune-rank R` then trains the encoder too, end to end wi
 chosen objective: low-rank adapters (rank R) on every linear layer of the kept layers, and
 their LayerNorms, starting from the trained head. The epoch with the best validation tau is
 kept if it beats the frozen encoder's, and its adapters ship inside the artifact.
-Rows are split by prompt (a hash of its text), never by row: the same prompt never sits in
-two splits, whichever models answered it.
+Rows are split by conversation where the data has them (ids `conversation#turn`), else by
+prompt, never by row: the same prompt never sits in two splits, whichever models answered it,
+and a conversation's turns stay together (see eval_proxy.split_key).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
-from .eval_proxy import in_test_split, proxy_metrics
+from .eval_proxy import in_test_split, proxy_metrics, split_key, split_meta
 from .proxy import ADAPTER, ARTIFACT_DIR, Encoder, Head, features, save_artifact
 
 OBJECTIVES = ("regression", "classification", "ranking", "hybrid")
@@ -239,8 +240,10 @@ def main(argv=None) -> dict:
     lengths = np.asarray(response_lengths(rows, args.tokenizer), dtype=np.float64)
     y = np.log1p(lengths)
     prompts = [r.prompt for r in rows]
-    test = np.array([in_test_split(p, args.test_fraction, args.seed) for p in prompts])
-    val = ~test & np.array([in_test_split(p, 0.15, args.seed + 1) for p in prompts])
+    split = split_meta(rows)
+    keys = [split_key(r, set(split["shared_prompts"])) for r in rows]
+    test = np.array([in_test_split(k, args.test_fraction, args.seed) for k in keys])
+    val = ~test & np.array([in_test_split(k, 0.15, args.seed + 1) for k in keys])
     train = ~test & ~val
     model_names = sorted({r.model for r in rows}) if args.condition_on_model else []
     index = {m: i for i, m in enumerate(model_names)}
@@ -300,7 +303,7 @@ def main(argv=None) -> dict:
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
                     "dtype": args.encoder_dtype, "pooling": args.pooling},
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
-        "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
+        "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed, "split": split,
         "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
                      "encoder_lr": args.finetune_encoder_lr}
         if chosen.endswith("+finetune") else None,
