@@ -214,17 +214,22 @@ def test_profile_records_the_served_models_lengths_and_resumes(tmp_path):
     out = tmp_path / "profile.jsonl"
     assert profile(["--data", str(src), "--out", str(out), "--max-tokens", "5", "--limit", "1", "--batch", "2"]) == 0
     first = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(first) == 1  # --limit: stopped after one prompt; the rerun picks up the rest
+    assert {r["prompt"] for r in first} == {"Say hi."}  # --limit: stopped after one prompt; a rerun resumes
     profile(["--data", str(src), "--out", str(out), "--max-tokens", "5", "--batch", "2"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["prompt"] for r in rows) == ["Count to ten.", "Say hi."]  # each distinct prompt once
-    assert {r["prompt"]: r["id"] for r in rows} == {"Say hi.": "c1#0", "Count to ten.": "c1#1"}  # the source turn
+    # each distinct prompt ran once, and is written once per conversation it occurs in, under its source turn
+    assert sorted((r["id"], r["prompt"]) for r in rows) == [("c1#0", "Say hi."), ("c1#1", "Count to ten."),
+                                                            ("c2#0", "Say hi.")]
+    say = [r for r in rows if r["prompt"] == "Say hi."]
+    assert say[0]["response"] == say[1]["response"] and say[0]["length"] == say[1]["length"]
     for r in rows:
         assert 1 <= r["length"] <= 5 and r["finish_reason"] in ("stop", "length") and r["response"]
         assert r["model"].lower().startswith("smollm2")
-    # what train-proxy reads back: both turns of c1 belong to one conversation, so one side of the split
+    # train-proxy splits the profile as it would the source: "Say hi." (two conversations) by its text
     from ssjf.data import load_rows
 
-    back = list(load_rows(out))
-    meta = {"test_fraction": 0.5, "split_seed": 0, "split": split_meta(back)}
-    assert len({held_out(r, meta) for r in back}) == 1
+    back, source = list(load_rows(out)), list(load_rows(src))
+    assert split_meta(back) == split_meta(source) and len(split_meta(back)["shared_prompts"]) == 1
+    for seed in range(4):
+        meta = {"test_fraction": 0.5, "split_seed": seed, "split": split_meta(back)}
+        assert sorted((r.id, held_out(r, meta)) for r in back) == sorted((r.id, held_out(r, meta)) for r in source)

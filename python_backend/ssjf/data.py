@@ -75,6 +75,12 @@ def _pairs(turns: list[tuple[str, str]], user: set[str], bot: set[str], model: s
     return rows
 
 
+def conversation(row_id: str) -> str:
+    """The conversation a row comes from, from ids of the form `conversation#turn` (what these
+    loaders give ShareGPT and LMSYS-Chat turns, and what `ssjf profile` keeps); "" when none."""
+    return row_id.rpartition("#")[0]
+
+
 def load_records(records: Iterable[dict], models: set[str] | None = None) -> Iterator[Row]:
     for n, obj in enumerate(records, 1):
         for row in rows_from_record(obj, n):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from scipy import stats
 
-from .data import load_rows, parse_data_spec, response_lengths
+from .data import conversation, load_rows, parse_data_spec, response_lengths
 from .report import emit
 
 
@@ -24,12 +24,6 @@ def in_test_split(key: str, fraction: float, seed: int = 0) -> bool:
     lands on the same side."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def conversation(row_id: str) -> str:
-    """The conversation a row comes from, from ids of the form `conversation#turn` (what the
-    loaders give ShareGPT and LMSYS-Chat turns, and what `ssjf profile` keeps); "" when none."""
-    return row_id.rpartition("#")[0]
 
 
 def prompt_digest(prompt: str) -> str:

@@ -2,9 +2,11 @@
 
 Natural mode: generation stops at EOS, with a cap (--max-tokens). Greedy by default, as
 the server's default temperature. Output is JSON lines (`id`, `prompt`, `response`,
-`length`, `finish_reason`, `model`; `id` is the source row's, so conversation turns stay
-grouped for train-proxy's split), appended as requests finish; a rerun skips prompts
-already in the file, so an interrupted profile resumes where it stopped.
+`length`, `finish_reason`, `model`), appended as requests finish; a rerun skips prompts
+already in the file, so an interrupted profile resumes where it stopped. Each distinct prompt
+runs once; it is written once per conversation it occurs in, under the source row's `id`
+(`conversation#turn`), so train-proxy splits the profile by conversation exactly as it would
+the source ("continue", in many conversations, then splits by its text in both).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import time
 
 from .config import EngineConfig
-from .data import load_rows
+from .data import conversation, load_rows
 from .engine import Engine, RequestError
 from .request import Request
 
@@ -54,12 +56,12 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
             seen = {json.loads(line)["prompt"] for line in f if line.strip()}
-    prompts: list[tuple[str, str]] = []  # (prompt, source row id)
+    homes: dict[str, dict[str, str]] = {}  # prompt -> {its conversation: the first source row id there}
     for path in args.data:
         for row in load_rows(path):
             if row.prompt not in seen:
-                seen.add(row.prompt)
-                prompts.append((row.prompt, row.id))
+                homes.setdefault(row.prompt, {}).setdefault(conversation(row.id), row.id)
+    prompts = [(p, list(ids.values())) for p, ids in homes.items()]  # (prompt, source row ids)
     if args.limit:
         prompts = prompts[: args.limit]
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, policy="fcfs",
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     model_name = os.path.basename(os.path.normpath(engine.runner.model.name_or_path)) or args.model
     pending = iter(enumerate(prompts))
     active: list[Request] = []
-    texts: dict[str, tuple[str, str]] = {}  # request id -> (prompt text, source row id)
+    texts: dict[str, tuple[str, list[str]]] = {}  # request id -> (prompt text, source row ids)
     skipped = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc="profile")
     start = time.time()
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
                 item = next(pending, None)
                 if item is None:
                     break
-                i, (prompt, source_id) = item
+                i, (prompt, source_ids) = item
                 req = Request(f"p{i}", engine.encode_prompt(prompt), max_tokens=args.max_tokens, sink=_Collect(),
                               temperature=args.temperature)
                 try:
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
                     skipped += 1
                     bar.update(1)
                     continue
-                texts[req.request_id] = (prompt, source_id)
+                texts[req.request_id] = (prompt, source_ids)
                 engine.add_request(req)
                 active.append(req)
             if not active:
@@ -98,12 +100,13 @@ def main(argv=None) -> int:
             for req in [r for r in active if r.is_done]:
                 active.remove(req)
                 bar.update(1)
-                prompt, source_id = texts.pop(req.request_id)
+                prompt, source_ids = texts.pop(req.request_id)
                 if req.finish_reason is None:
                     continue
-                out.write(json.dumps({"id": source_id, "prompt": prompt, "response": req.text,
-                                      "length": len(req.output_ids), "finish_reason": req.finish_reason,
-                                      "model": model_name}, ensure_ascii=False) + "\n")
+                for source_id in source_ids:
+                    out.write(json.dumps({"id": source_id, "prompt": prompt, "response": req.text,
+                                          "length": len(req.output_ids), "finish_reason": req.finish_reason,
+                                          "model": model_name}, ensure_ascii=False) + "\n")
                 out.flush()
     bar.close()
     tokens = engine.generated_tokens
