@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="write the report (JSON) here")
     ap.add_argument("--tokenizer", help="count true lengths with this model's tokenizer (default: the artifact's)")
     ap.add_argument("--split", choices=["all", "test"], default="all",
-                    help="test: only rows whose prompt falls in the training test split (for the training data)")
+                    help="test: only rows in the artifact's test split, by conversation or prompt as its "
+                         "metadata records (for the training data)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
     args = ap.parse_args(argv)
 
