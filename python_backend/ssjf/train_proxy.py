@@ -304,7 +304,8 @@ def main(argv=None) -> dict:
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
                     "dtype": args.encoder_dtype, "pooling": args.pooling},
         "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
-        "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed, "split": split,
+        "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
+        "split": split,
         "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
                      "encoder_lr": args.finetune_encoder_lr}
         if chosen.endswith("+finetune") else None,
