@@ -1,4 +1,5 @@
-"""The proxy pipeline on a small synthetic set: split by conversation and prompt, train each objective, save, load, evaluate."""
+"""The proxy pipeline on a small synthetic set: split by conversation and prompt, train each objective,
+save, load, evaluate; and `ssjf profile`, which records the served model's own lengths."""
 
 import json
 import random
@@ -6,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from ssjf.data import Row
+from ssjf.data import Row, conversation, load_rows
 from ssjf.eval_proxy import held_out, in_test_split, proxy_metrics, split_key, split_meta
 from ssjf.proxy import LengthPredictor
 from ssjf.train_proxy import main as train
@@ -54,7 +55,7 @@ def test_split_keeps_a_conversation_together_and_a_prompt_on_one_side():
     for r, side in zip(rows, sides):
         by_prompt.setdefault(r.prompt, set()).add(side)
         if r.prompt not in ("continue", "write section 0 of the report on topic 0") and "#" in r.id:
-            by_conv.setdefault(r.id.split("#")[0], set()).add(side)
+            by_conv.setdefault(conversation(r.id), set()).add(side)
     assert all(len(s) == 1 for s in by_prompt.values()) and all(len(s) == 1 for s in by_conv.values())
     assert 0.15 < np.mean([s.pop() for s in by_conv.values()]) < 0.45
     assert split_key(rows[0], set()) == "conversation:conv0" and split_key(rows[-2], set()) == "standalone 199"
@@ -207,9 +208,11 @@ def test_profile_records_the_served_models_lengths_and_resumes(tmp_path):
     from ssjf.profile import main as profile
 
     src = tmp_path / "sharegpt.json"
-    convs = [{"id": "c1", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"},
-                                            {"from": "human", "value": "Count to ten."}, {"from": "gpt", "value": "1 2 3"}]},
-             {"id": "c2", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hello."}]}]
+    def turns(*texts):
+        return [{"from": who, "value": t} for who, t in zip(["human", "gpt"] * len(texts), texts)]
+
+    convs = [{"id": "c1", "conversations": turns("Say hi.", "Hi!", "Count to ten.", "1 2 3")},
+             {"id": "c2", "conversations": turns("Say hi.", "Hello.")}]
     src.write_text(json.dumps(convs))
     out = tmp_path / "profile.jsonl"
     assert profile(["--data", str(src), "--out", str(out), "--max-tokens", "5", "--limit", "1", "--batch", "2"]) == 0
@@ -226,8 +229,6 @@ def test_profile_records_the_served_models_lengths_and_resumes(tmp_path):
         assert 1 <= r["length"] <= 5 and r["finish_reason"] in ("stop", "length") and r["response"]
         assert r["model"].lower().startswith("smollm2")
     # train-proxy splits the profile as it would the source: "Say hi." (two conversations) by its text
-    from ssjf.data import load_rows
-
     back, source = list(load_rows(out)), list(load_rows(src))
     assert split_meta(back) == split_meta(source) and len(split_meta(back)["shared_prompts"]) == 1
     for seed in range(4):
