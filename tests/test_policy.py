@@ -202,6 +202,13 @@ def test_bypass_bound_is_per_batch_slot_and_relative_to_the_request_size():
         assert served.index("waiting") == passes, (slots, size)
 
 
+def test_a_starving_request_goes_first_even_when_an_older_one_is_not_starving():
+    q = SSJFQueue(max_bypass_ratio=1.0)
+    for name, size in [("old-long", 100), ("short", 10), ("a", 5), ("b", 6), ("c", 7)]:
+        q.add(req(name, size))
+    assert drain(q)[:3] == ["a", "b", "short"]  # a and b held "short" up 11 >= 10 (and "old-long" only 11 of 100)
+
+
 def test_bypass_bound_does_not_count_earlier_arrivals_or_itself():
     q = SSJFQueue(max_bypass_ratio=1.0)
     q.add(req("early-short", 5))

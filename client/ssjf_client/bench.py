@@ -286,17 +286,18 @@ def markdown(report: dict) -> str:
     for run in report["runs"]:
         lines.append(f"\n### batching={run['batching']}, rate={run['rate']} req/s "
                      f"({report['config']['arrivals']} arrivals, {report['config']['num_requests']} requests)\n")
-        lines.append("| policy | " + " | ".join(cols) + " | JCT vs FCFS |")
-        lines.append("|---" * (len(cols) + 2) + "|")
-        base = run["policies"].get("fcfs", {}).get("mean_jct_s")
+        lines.append("| policy | " + " | ".join(cols) + " | mean JCT vs FCFS | p99 JCT vs FCFS |")
+        lines.append("|---" * (len(cols) + 3) + "|")
         for name, m in run["policies"].items():
             cells = [f"{m[c]:.3f}" if isinstance(m.get(c), float) else str(m.get(c)) for c in cols]
-            vs = m.get("mean_jct_s_vs_fcfs")
-            if vs and len(vs["rounds"]) > 1:
-                ratio = f"{vs['median']:.2f}x (rounds {vs['min']:.2f}-{vs['max']:.2f}x)"
-            else:
-                ratio = f"{m['mean_jct_s'] / base:.2f}x" if base and m.get("mean_jct_s") else "-"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+            ratios = []
+            for key in ("mean_jct_s", "p99_jct_s"):
+                vs, fcfs = m.get(f"{key}_vs_fcfs"), run["policies"].get("fcfs", {}).get(key)
+                if vs and len(vs["rounds"]) > 1:
+                    ratios.append(f"{vs['median']:.2f}x (rounds {vs['min']:.2f}-{vs['max']:.2f}x)")
+                else:
+                    ratios.append(f"{m[key] / fcfs:.2f}x" if fcfs and m.get(key) else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {' | '.join(ratios)} |")
     slo = report.get("slo")
     if slo and len(report["runs"]) > len(slo["capacity"]):  # a sweep: some mode has more than one rate
         lines.append(f"\n### capacity: highest arrival rate with p90 normalized latency <= {slo['slo_s_per_token']} s/token\n")

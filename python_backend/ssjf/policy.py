@@ -137,11 +137,11 @@ class PriorityQueue(RequestQueue):
         return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
 
     def peek(self) -> Request:
-        oldest = self._oldest()
-        if oldest is None:
+        if self._oldest() is None:
             raise IndexError("peek from an empty queue")
-        if self.is_starving(oldest):
-            return oldest
+        for req in self._fifo:  # the oldest starving request: the relative bound can starve a younger one first
+            if req.seq in self._live and self.is_starving(req):
+                return req
         return self._shortest()
 
     def pop(self) -> Request:

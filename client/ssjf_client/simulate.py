@@ -1,0 +1,228 @@
+"""`ssjf simulate`: the bench's replay through the engine's own scheduler on a virtual clock.
+
+The same workload, arrivals and flags as `ssjf bench`, with no server and no model: each
+policy's queue, starvation guard and admission are the engine's (`ssjf.scheduler.Scheduler`),
+predictions are the artifact's (as the served proxy makes them), and time moves by a cost
+model of an engine step. A step prefills the requests it admits (prefill_s + prefill_token_s x
+padded prompt tokens, one token each) and then decodes every running request (decode_s +
+decode_seq_s x running, one token each), as `Engine.step` does. The defaults are this 2-core
+CPU's engine alone (SmolLM2-135M, bf16). A served run is slower than that (Triton's per-token
+sends, the proxy on the same cores): `--calibrate-fcfs-mean S` scales every cost so that FCFS's
+mean JCT is S seconds, the mean a real `ssjf bench` FCFS run measured on the same load.
+
+Seconds instead of half an hour per setting, so a load, a batch cap or a guard can be chosen
+before the real run. `--max-passes`, `--max-bypass-ratio` and `--starvation-s` take comma
+lists: each combination is a row (`ssjf K32 R2 S60`). A round is a seed: new arrival times.
+The report has `ssjf bench`'s shape, with each round's mean and p99 JCT as a ratio to FCFS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .bench import Job, arrival_times, combine_rounds, load_workload, markdown, summarize
+
+
+@dataclass
+class StepCost:
+    """Seconds per engine step. Defaults: SmolLM2-135M, bf16, this 2-core CPU, the engine alone
+    (ModelRunner.prefill / decode timed at batch 1-8; decode at 100-400 cached tokens)."""
+
+    decode_s: float = 0.035
+    decode_seq_s: float = 0.0011
+    prefill_s: float = 0.03
+    prefill_token_s: float = 0.0003
+
+    def scaled(self, factor: float) -> "StepCost":
+        return StepCost(*(factor * v for v in vars(self).values()))
+
+    def prefill(self, width: int, count: int) -> float:
+        return self.prefill_s + self.prefill_token_s * width * count
+
+    def decode(self, running: int) -> float:
+        return self.decode_s + self.decode_seq_s * running
+
+
+def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: list[int | None],
+             times: np.ndarray, cost: StepCost, ignore_eos: bool = True) -> list[Job]:
+    """Replay jobs (arriving at `times`, sorted) through a Scheduler built from `config` (an
+    EngineConfig) on a virtual clock. lengths: the tokens each job generates. With ignore_eos the
+    length is its max_tokens, so oracle SJF knows it; otherwise it stops early (as at EOS) and the
+    oracle falls back to the prediction. Returns one Job per request with first and done times."""
+    from ssjf.request import Request
+    from ssjf.scheduler import Scheduler
+
+    now = [0.0]
+    scheduler = Scheduler(config, clock=lambda: now[0])
+    reqs = [Request(str(i), [0] * p, max_tokens=n if ignore_eos else None, ignore_eos=ignore_eos,
+                    predicted_length=pred, arrival_time=float(t))
+            for i, (p, n, pred, t) in enumerate(zip(prompt_tokens, lengths, predictions, times))]
+    jobs = [Job(i, "", n, float(t)) for i, (n, t) in enumerate(zip(lengths, times))]
+    made = [0] * len(reqs)
+    nxt, left = 0, len(reqs)
+
+    def emit(req, at: float) -> None:
+        i = int(req.request_id)
+        made[i] += 1
+        if made[i] == 1:
+            jobs[i].first = at
+        if made[i] >= lengths[i]:
+            jobs[i].done = req.finish_time = at
+
+    while left:
+        while nxt < len(reqs) and reqs[nxt].arrival_time <= now[0]:
+            scheduler.add(reqs[nxt])
+            nxt += 1
+        if not scheduler.has_work():
+            now[0] = reqs[nxt].arrival_time
+            continue
+        admitted = scheduler.schedule()
+        if admitted:
+            now[0] += cost.prefill(max(r.prompt_len for r in admitted), len(admitted))
+            for req in admitted:
+                emit(req, now[0])
+        decoding = [r for r in scheduler.running if r.finish_time is None]
+        if decoding:
+            now[0] += cost.decode(len(scheduler.running))
+            for req in decoding:
+                emit(req, now[0])
+        for req in [r for r in scheduler.running if r.finish_time is not None]:
+            scheduler.retire(req)
+            left -= 1
+    return jobs
+
+
+def calibrate(target_mean_s: float, run_fcfs, lo: float = 0.02, hi: float = 50.0) -> float:
+    """The factor on every step cost at which run_fcfs(factor) (FCFS's mean JCT) is target_mean_s.
+    The mean grows with the factor, so bisect (in log space)."""
+    if not run_fcfs(lo) < target_mean_s < run_fcfs(hi):
+        raise SystemExit(f"no cost factor in [{lo}, {hi}] gives an FCFS mean JCT of {target_mean_s} s")
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if run_fcfs(mid) < target_mean_s else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def guard_label(passes: float, ratio: float, starve: float) -> str:
+    """K: max_passes, R: max_bypass_ratio, S: starvation_s."""
+    return f"K{passes:g} R{ratio:g} S{starve:g}"
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in str(text).split(",")]
+
+
+def main(argv=None) -> dict:
+    from ssjf.config import EngineConfig
+    from ssjf.data import count_tokens
+    from ssjf.proxy import LengthPredictor
+
+    ap = argparse.ArgumentParser(prog="ssjf simulate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="rows with prompt and response (any supported format)")
+    ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
+    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")
+    ap.add_argument("--rates", help="comma list of rates (overrides --rate)")
+    ap.add_argument("--batching", default="continuous", help="comma list of none,dynamic,continuous")
+    ap.add_argument("--arrivals", choices=["poisson", "gamma", "azure"], default="poisson")
+    ap.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
+    ap.add_argument("--azure-trace", help="Azure LLM inference trace CSV (TIMESTAMP column)")
+    ap.add_argument("--trace-offset", type=int, default=0)
+    ap.add_argument("--length-scale", type=float, default=1.0, help="max_tokens = scale x recorded length")
+    ap.add_argument("--natural", action="store_true",
+                    help="jobs stop at their recorded length as at EOS (capped by --natural-max-tokens); the "
+                         "oracle does not know it")
+    ap.add_argument("--natural-max-tokens", type=int, default=512)
+    ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
+    ap.add_argument("--starvation-s", default="60", help="aging bound on waiting time (comma list: a sweep)")
+    ap.add_argument("--max-bypass-ratio", default="2", help="aging bound relative to a job's length (comma list)")
+    ap.add_argument("--max-passes", default="16", help="aging bound on later arrivals served first (comma list)")
+    ap.add_argument("--split", choices=["all", "test"], default="all",
+                    help="test: only prompts in the artifact's held-out split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=8, help="rounds (arrival seeds seed, seed+1, ...)")
+    for name, value in vars(StepCost()).items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help="seconds (a step's cost model)")
+    ap.add_argument("--noise-sigma", type=float,
+                    help="replace the artifact's predictions by true length x exp(N(0, sigma^2)): the gain a "
+                         "predictor of that quality would give (the report records its Kendall tau)")
+    ap.add_argument("--calibrate-fcfs-mean", type=float,
+                    help="scale the step costs so FCFS's mean JCT (over the rounds, first rate) is this many seconds")
+    ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
+    args = ap.parse_args(argv)
+    args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
+
+    spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
+                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact)
+    prompts = [p for p, _, _ in spec]
+    lengths = [min(n, args.natural_max_tokens) if args.natural else mt for _, mt, n in spec]
+    prompt_tokens = [n + 32 for n in count_tokens(prompts)]  # + the chat template, as load_workload counts
+    if args.noise_sigma is None:
+        predictions = [int(x) for x in LengthPredictor(args.artifact).predict(prompts, cached=True)]
+    else:
+        noise = np.random.default_rng(args.seed).normal(0.0, args.noise_sigma, len(lengths))
+        predictions = [max(1, round(n * np.exp(e))) for n, e in zip(lengths, noise)]
+    cost = StepCost(*(getattr(args, name) for name in vars(StepCost())))
+    rates = floats(args.rates) if args.rates else [args.rate]
+    batchings = [b.strip() for b in args.batching.split(",")]
+    guards = list(itertools.product(floats(args.max_passes), floats(args.max_bypass_ratio), floats(args.starvation_s)))
+    sweep = len(guards) > 1
+
+    def times_of(rate, r):
+        return arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
+                             args.trace_offset)
+
+    def run(policy, batching, rate, r, guard, step_cost):
+        passes, ratio, starve = guard
+        config = EngineConfig(policy=policy, batching=batching, max_batch_size=args.max_batch_size,
+                              max_seq_len=args.max_seq_len, starvation_s=starve, max_bypass_ratio=ratio,
+                              max_passes=int(passes), cap_by_max_tokens=args.natural)
+        jobs = simulate(config, prompt_tokens, lengths, predictions, times_of(rate, r), step_cost,
+                        ignore_eos=not args.natural)
+        return summarize(jobs, lengths)
+
+    if args.calibrate_fcfs_mean:
+        factor = calibrate(args.calibrate_fcfs_mean, lambda f: float(np.mean(
+            [run("fcfs", batchings[0], rates[0], r, guards[0], cost.scaled(f))["mean_jct_s"]
+             for r in range(args.repeats)])))
+        cost = cost.scaled(factor)
+        print(f"calibrated: step costs x {factor:.3f} give FCFS a mean JCT of {args.calibrate_fcfs_mean} s", flush=True)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config["step_cost"] = vars(cost)
+    config["mean_max_tokens"] = float(np.mean(lengths))
+    config["prediction_kendall_tau"] = float(stats.kendalltau(predictions, lengths).statistic)
+    report = {"config": config, "runs": []}
+    for batching in batchings:
+        for rate in rates:
+            rounds = []
+            for r in range(args.repeats):
+                round_ = {}
+                for policy in [p.strip() for p in args.policies.split(",")]:
+                    for guard in ([guards[0]] if policy == "fcfs" else guards):
+                        label = f"{policy} {guard_label(*guard)}" if sweep and policy != "fcfs" else policy
+                        round_[label] = run(policy, batching, rate, r, guard, cost)
+                rounds.append(round_)
+            report["runs"].append({"batching": batching, "rate": rate, "policies": combine_rounds(rounds),
+                                   "rounds": rounds})
+    report["policies"] = report["runs"][0]["policies"]
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    Path(args.out).with_suffix(".md").write_text(md)
+    print(f"{md}\npredictions: Kendall tau {config['prediction_kendall_tau']:.3f} against the jobs' true lengths")
+    return report
+
+
+if __name__ == "__main__":
+    main()
