@@ -38,6 +38,9 @@ import tritonclient.grpc as grpcclient
 from .client import build_inputs
 
 
+TEMPLATE_TOKENS = 32  # what the chat template adds to a prompt, in tokens
+
+
 @dataclass
 class Job:
     index: int
@@ -75,7 +78,7 @@ def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bo
     out = []
     for i in rng.permutation(len(rows)):
         r, length = rows[i], lengths[i]
-        prompt_tokens = prompt_tokens_of[i] + 32  # + the chat template
+        prompt_tokens = prompt_tokens_of[i] + TEMPLATE_TOKENS
         max_tokens = max(1, round(length * length_scale))
         if prompt_tokens > max_prompt_tokens or prompt_tokens + max_tokens > max_seq_len:
             continue
@@ -355,9 +358,8 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
     return files
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="ssjf bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_args(ap: argparse.ArgumentParser) -> None:
+    """The flags `ssjf bench` and `ssjf simulate` share: what is replayed, when, and on what server."""
     ap.add_argument("--data", required=True, help="rows with prompt and response (any supported format)")
     ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
     ap.add_argument("--num-requests", type=int, default=100)
@@ -376,19 +378,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-size", type=int, default=8, help="server's running-batch cap (continuous/dynamic)")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
+    ap.add_argument("--split", choices=["all", "test"], default="all",
+                    help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
+                         "shipped artifacts never saw); all: every row")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ssjf bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload_args(ap)
     ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
     ap.add_argument("--max-bypass-ratio", type=float, default=2.0,
                     help="the server's aging bound on how long later arrivals served first held a request up, "
                          "in decode steps, relative to its own length")
     ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on the number of later arrivals "
                                                               "served first")
-    ap.add_argument("--split", choices=["all", "test"], default="all",
-                    help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
-                         "shipped artifacts never saw); all: every row")
     ap.add_argument("--slo-norm-latency", type=float, default=0.5,
                     help="SLO on p90 normalized latency (s/token) for a sweep's capacity: the highest rate that meets "
                          "it, per policy (0.5 suits this 2-core CPU; on a GPU a tenth of that)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds per rate: each round runs every policy once on new arrival times (seed + round); "
                          "the report gives each metric's mean over rounds and each round's ratio to FCFS")

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .bench import Job, arrival_times, combine_rounds, load_workload, markdown, summarize
+from .bench import (TEMPLATE_TOKENS, Job, arrival_times, combine_rounds, load_workload, markdown, summarize,
+                    workload_args)
 
 
 @dataclass
@@ -126,31 +127,10 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog="ssjf simulate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="rows with prompt and response (any supported format)")
-    ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
-    ap.add_argument("--num-requests", type=int, default=100)
-    ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")
-    ap.add_argument("--rates", help="comma list of rates (overrides --rate)")
-    ap.add_argument("--batching", default="continuous", help="comma list of none,dynamic,continuous")
-    ap.add_argument("--arrivals", choices=["poisson", "gamma", "azure"], default="poisson")
-    ap.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
-    ap.add_argument("--azure-trace", help="Azure LLM inference trace CSV (TIMESTAMP column)")
-    ap.add_argument("--trace-offset", type=int, default=0)
-    ap.add_argument("--length-scale", type=float, default=1.0, help="max_tokens = scale x recorded length")
-    ap.add_argument("--natural", action="store_true",
-                    help="jobs stop at their recorded length as at EOS (capped by --natural-max-tokens); the "
-                         "oracle does not know it")
-    ap.add_argument("--natural-max-tokens", type=int, default=512)
-    ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
-    ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
+    workload_args(ap)
     ap.add_argument("--starvation-s", default="60", help="aging bound on waiting time (comma list: a sweep)")
     ap.add_argument("--max-bypass-ratio", default="2", help="aging bound relative to a job's length (comma list)")
     ap.add_argument("--max-passes", default="16", help="aging bound on later arrivals served first (comma list)")
-    ap.add_argument("--split", choices=["all", "test"], default="all",
-                    help="test: only prompts in the artifact's held-out split")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=8, help="rounds (arrival seeds seed, seed+1, ...)")
     for name, value in vars(StepCost()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help="seconds (a step's cost model)")
@@ -164,10 +144,11 @@ def main(argv=None) -> dict:
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
 
     spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
-                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact)
+                         args.max_prompt_tokens, args.max_seq_len, args.split, args.artifact, args.natural_max_tokens)
     prompts = [p for p, _, _ in spec]
-    lengths = [min(n, args.natural_max_tokens) if args.natural else mt for _, mt, n in spec]
-    prompt_tokens = [n + 32 for n in count_tokens(prompts)]  # + the chat template, as load_workload counts
+    cap = args.natural_max_tokens or EngineConfig().default_max_tokens  # natural: stops at its length or the cap
+    lengths = [min(n, cap) if args.natural else mt for _, mt, n in spec]
+    prompt_tokens = [n + TEMPLATE_TOKENS for n in count_tokens(prompts)]
     if args.noise_sigma is None:
         predictions = [int(x) for x in LengthPredictor(args.artifact).predict(prompts, cached=True)]
     else:
