@@ -85,12 +85,12 @@ def test_aiperf_payload_template_renders_a_request_the_server_accepts():
 def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
     from ssjf_client.bench import combine_rounds
 
-    def m(mean, p99, completed=10, failed=0):
+    def m(mean, p99, completed=10, failed=0, duration=100.0):
         return {"mean_jct_s": mean, "p99_jct_s": p99, "completed": completed, "failed": failed,
-                "paper_throughput_25pct_rps": None}
+                "paper_throughput_25pct_rps": None, "duration_s": duration}
 
     rounds = [{"fcfs": m(10.0, 20.0), "ssjf": m(8.0, 30.0)},  # a fast round...
-              {"fcfs": m(20.0, 40.0), "ssjf": m(18.0, 40.0, completed=9, failed=1)},  # ...and a slow one
+              {"fcfs": m(20.0, 40.0), "ssjf": m(18.0, 40.0, 9, 1, duration=110.0)},  # ...and a slow one
               {"fcfs": m(12.0, 24.0), "ssjf": m(6.0, 24.0)}]
     out = combine_rounds(rounds)
     s = out["ssjf"]
@@ -99,6 +99,10 @@ def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
     assert vs["rounds"] == pytest.approx([0.8, 0.9, 0.5]) and vs["median"] == pytest.approx(0.8)
     assert (vs["min"], vs["max"]) == (pytest.approx(0.5), pytest.approx(0.9))
     assert s["p99_jct_s_vs_fcfs"]["median"] == pytest.approx(1.0)
+    assert s["duration_s_vs_fcfs"]["rounds"] == pytest.approx([1.0, 1.1, 1.0])  # round 2 ran on a slower machine
+    md = markdown({"config": {"arrivals": "poisson", "num_requests": 10},
+                   "runs": [{"batching": "continuous", "rate": 1.0, "policies": out}]})
+    assert "ssjf 1.00x, 1.10x, 1.00x" in md
     assert out["fcfs"]["mean_jct_s_vs_fcfs"]["median"] == 1.0
     assert "paper_throughput_25pct_rps" not in s  # a metric some round lacks is not averaged
 

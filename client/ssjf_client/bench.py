@@ -3,7 +3,9 @@
 For each batching mode and arrival rate, every policy gets a fresh tritonserver and the
 same replay: the same prompts, sent open-loop at the same arrival times over one gRPC
 stream. `--repeats K` runs K such rounds (new arrival times each), interleaving the
-policies, and reports each round's ratio to FCFS as well as the means. Trace replay
+policies (each round starts with the next one, so a steady slowdown does not always hit the
+same policy), and reports each round's ratio to FCFS as well as the means, and each run's
+length against FCFS's on the same jobs: far from 1.00x, the machine's speed drifted. Trace replay
 (default): each request's `max_tokens` = length-scale x its recorded response's token count
 (the served model's tokenizer), with `ignore_eos`, so the model does real work of the
 recorded length; the proxy (`recorded` artifact) predicts that length from
@@ -236,8 +238,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
         m["rounds"] = len(rounds)
         pairs = [(r[policy], r["fcfs"]) for r in rounds
                  if "fcfs" in r and r[policy].get("completed") and r["fcfs"].get("completed")]
-        for key in ("mean_jct_s", "p99_jct_s"):
-            ratios = [x[key] / f[key] for x, f in pairs]
+        for key in ("mean_jct_s", "p99_jct_s", "duration_s"):
+            ratios = [x[key] / f[key] for x, f in pairs if x.get(key) and f.get(key)]
             if ratios:
                 m[f"{key}_vs_fcfs"] = {"median": float(np.median(ratios)), "min": float(min(ratios)),
                                        "max": float(max(ratios)), "rounds": ratios}
@@ -301,6 +303,12 @@ def markdown(report: dict) -> str:
                 else:
                     ratios.append(f"{m[key] / fcfs:.2f}x" if fcfs and m.get(key) else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' | '.join(ratios)} |")
+        drift = {name: m["duration_s_vs_fcfs"]["rounds"] for name, m in run["policies"].items()
+                 if name != "fcfs" and m.get("duration_s_vs_fcfs")}
+        if drift:  # same jobs and arrivals: a run longer or shorter than FCFS's had a slower or faster machine
+            lines.append("\nRun length vs FCFS's on the same jobs, per round (far from 1.00x: the machine's speed "
+                         "drifted, and in overload a few percent of speed moves JCT a lot): "
+                         + "; ".join(f"{name} " + ", ".join(f"{x:.2f}x" for x in v) for name, v in drift.items()))
     slo = report.get("slo")
     if slo and len(report["runs"]) > len(slo["capacity"]):  # a sweep: some mode has more than one rate
         lines.append(f"\n### capacity: highest arrival rate with p90 normalized latency <= {slo['slo_s_per_token']} s/token\n")
@@ -425,13 +433,16 @@ def main(argv=None) -> dict:
                                                                          args.trace_offset))
     for batching in [b.strip() for b in args.batching.split(",")]:
         for rate in rates:
-            run = {"batching": batching, "rate": rate, "policies": {}, "rounds": []}
+            run = {"batching": batching, "rate": rate, "policies": {}, "rounds": [], "orders": []}
             all_jobs[(batching, rate)] = {}
             for r in range(args.repeats):  # rounds interleave the policies, so a drift in speed hits all of them
                 times = arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
                                       args.trace_offset)
                 round_ = {}
-                for policy in policies:
+                # each round starts with the next policy, so a steady slowdown does not always hit the same one
+                order = policies[r % len(policies):] + policies[: r % len(policies)]
+                run["orders"].append(order)
+                for policy in order:
                     t0 = time.time()
                     metrics, jobs = run_policy(policy, args, spec, times, lengths, batching)
                     round_[policy] = metrics
@@ -441,7 +452,7 @@ def main(argv=None) -> dict:
                           f"p99 {metrics.get('p99_jct_s', float('nan')):7.2f}s TTFT {metrics.get('mean_ttft_s', float('nan')):6.2f}s "
                           f"busy {metrics.get('busy_fraction', 0):.2f} failed {metrics['failed']} ({time.time() - t0:.0f}s)",
                           flush=True)
-                run["rounds"].append(round_)
+                run["rounds"].append({p: round_[p] for p in policies})
                 run["policies"] = combine_rounds(run["rounds"])
                 with open(args.out, "w") as f:  # written after every round: a long sweep keeps what it has
                     so_far = report["runs"] + [run]

@@ -44,7 +44,9 @@ def test_repeated_rounds_interleave_the_policies(server, tmp_path):
     assert len(run["rounds"]) == 2 and all(set(r) == {"fcfs", "ssjf"} for r in run["rounds"])
     m = run["policies"]["ssjf"]
     assert (m["completed"], m["failed"], m["rounds"]) == (8, 0, 2)
-    assert len(m["mean_jct_s_vs_fcfs"]["rounds"]) == 2
+    assert len(m["mean_jct_s_vs_fcfs"]["rounds"]) == 2 and len(m["duration_s_vs_fcfs"]["rounds"]) == 2
+    assert run["orders"] == [["fcfs", "ssjf"], ["ssjf", "fcfs"]]  # each round starts with the next policy...
+    assert list(run["rounds"][1]) == ["fcfs", "ssjf"]  # ...and the report keeps one order
     assert re.search(r"\| \d+\.\d+x \(rounds \d+\.\d+-\d+\.\d+x\) \|", out.with_suffix(".md").read_text())
 
 
