@@ -284,7 +284,8 @@ def write_aiperf_input(path: str, spec, times) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, drift: bool = True) -> str:
+    """The report's tables; `drift`: under each, each run's length against FCFS's (real runs only)."""
     cols = ["mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_ttft_s", "p99_ttft_s", "mean_norm_latency_s_per_tok",
             "throughput_rps", "throughput_tok_s", "busy_fraction", "completed", "failed"]
     lines = []
@@ -303,12 +304,12 @@ def markdown(report: dict) -> str:
                 else:
                     ratios.append(f"{m[key] / fcfs:.2f}x" if fcfs and m.get(key) else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' | '.join(ratios)} |")
-        drift = {name: m["duration_s_vs_fcfs"]["rounds"] for name, m in run["policies"].items()
-                 if name != "fcfs" and m.get("duration_s_vs_fcfs")}
-        if drift:  # same jobs and arrivals: a run longer or shorter than FCFS's had a slower or faster machine
+        lengths = {name: m["duration_s_vs_fcfs"]["rounds"] for name, m in run["policies"].items()
+                   if drift and name != "fcfs" and m.get("duration_s_vs_fcfs")}
+        if lengths:  # same jobs and arrivals: a run longer or shorter than FCFS's had a slower or faster machine
             lines.append("\nRun length vs FCFS's on the same jobs, per round (far from 1.00x: the machine's speed "
                          "drifted, and in overload a few percent of speed moves JCT a lot): "
-                         + "; ".join(f"{name} " + ", ".join(f"{x:.2f}x" for x in v) for name, v in drift.items()))
+                         + "; ".join(f"{name} " + ", ".join(f"{x:.2f}x" for x in v) for name, v in lengths.items()))
     slo = report.get("slo")
     if slo and len(report["runs"]) > len(slo["capacity"]):  # a sweep: some mode has more than one rate
         lines.append(f"\n### capacity: highest arrival rate with p90 normalized latency <= {slo['slo_s_per_token']} s/token\n")
