@@ -66,16 +66,15 @@ def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: 
                     predicted_length=pred, arrival_time=float(t))
             for i, (p, n, pred, t) in enumerate(zip(prompt_tokens, lengths, predictions, times))]
     jobs = [Job(i, "", n, float(t)) for i, (n, t) in enumerate(zip(lengths, times))]
-    made = [0] * len(reqs)
     nxt, left = 0, len(reqs)
 
-    def emit(req, at: float) -> None:
-        i = int(req.request_id)
-        made[i] += 1
-        if made[i] == 1:
-            jobs[i].first = at
-        if made[i] >= lengths[i]:
-            jobs[i].done = req.finish_time = at
+    def emit(req, at: float) -> None:  # one token
+        job = jobs[int(req.request_id)]
+        req.output_ids.append(0)
+        if len(req.output_ids) == 1:
+            job.first = at
+        if len(req.output_ids) >= lengths[job.index]:
+            job.done = req.finish_time = at
 
     while left:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now[0]:

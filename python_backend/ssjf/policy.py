@@ -104,6 +104,7 @@ class PriorityQueue(RequestQueue):
         self.batch_rounds = batch_rounds  # request-level batches: a batch lasts as long as its longest job
         self.clock = clock
         self._passes: dict[int, int] = {}  # seq -> later arrivals served ahead of it
+        self._passed_over: set[int] = set()  # seqs a pass bound has made starving (for good: the counts only grow)
         self._held_up: dict[int, float] = {}  # seq -> decode steps those later arrivals held it up
         self._round: dict[int, float] = {}  # seq -> the longest hold-up by one job of the current batch
         self._heap: list[tuple[float, int, Request]] = []
@@ -137,11 +138,13 @@ class PriorityQueue(RequestQueue):
         return self.starvation_s > 0 and self.clock() - req.arrival_time >= self.starvation_s
 
     def peek(self) -> Request:
-        if self._oldest() is None:
+        oldest = self._oldest()
+        if oldest is None:
             raise IndexError("peek from an empty queue")
-        for req in self._fifo:  # the oldest starving request: the relative bound can starve a younger one first
-            if req.seq in self._live and self.is_starving(req):
-                return req
+        if self.is_starving(oldest):  # the oldest is also the first to reach starvation_s
+            return oldest
+        if self._passed_over:  # the relative bound can starve a younger request first: the oldest of those
+            return self._live[min(self._passed_over)]
         return self._shortest()
 
     def pop(self) -> Request:
@@ -158,12 +161,15 @@ class PriorityQueue(RequestQueue):
                         before = self._round.get(seq, 0.0)
                         held, self._round[seq] = max(0.0, steps - before), max(before, steps)
                     self._held_up[seq] = self._held_up.get(seq, 0.0) + held
+                    if self.is_starving(self._live[seq]):
+                        self._passed_over.add(seq)
         return req
 
     def new_round(self) -> None:
         self._round.clear()
 
     def _forget(self, req: Request) -> None:
+        self._passed_over.discard(req.seq)
         self._passes.pop(req.seq, None)
         self._held_up.pop(req.seq, None)
         self._round.pop(req.seq, None)
