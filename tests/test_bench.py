@@ -55,6 +55,24 @@ def test_markdown_table_compares_to_fcfs():
     assert "| ssjf |" in md and "0.50x" in md
 
 
+def test_sjf_limit_is_shortest_first_against_every_arrival_order_with_all_jobs_queued():
+    import itertools
+    from ssjf_client.bench import sjf_limit
+
+    def mean_completion(order):
+        return float(np.mean(np.cumsum(order)))
+
+    lengths = [3, 50, 7, 120, 1]
+    fcfs = np.mean([mean_completion(p) for p in itertools.permutations(lengths)])  # arrival order independent of length
+    limit = sjf_limit(lengths)
+    assert limit["full_queue_sjf_vs_fcfs"] == pytest.approx(mean_completion(sorted(lengths)) / fcfs)
+    assert sjf_limit([40] * 10)["full_queue_sjf_vs_fcfs"] == pytest.approx(1.0)  # nothing to reorder
+    exp = np.random.default_rng(0).exponential(100.0, 20000)
+    assert sjf_limit(exp)["full_queue_sjf_vs_fcfs"] == pytest.approx(0.5, abs=0.02)
+    md = markdown({"config": {"arrivals": "poisson", "num_requests": 5, "sjf_limit": limit}, "runs": []})
+    assert f"{limit['full_queue_sjf_vs_fcfs']:.2f}x FCFS's mean" in md
+
+
 def test_aiperf_input_is_the_same_replay(tmp_path):
     from ssjf_client.bench import write_aiperf_input
 

@@ -80,6 +80,7 @@ def test_simulate_command_sweeps_guards_into_the_bench_report(tmp_path):
     assert run["policies"]["fcfs"]["mean_jct_s"] == pytest.approx(5.0, rel=0.02)  # calibrated
     assert "p99_jct_s_vs_fcfs" in run["policies"]["ssjf K16 R2 S60"]
     assert -1.0 <= report["config"]["prediction_kendall_tau"] <= 1.0
+    assert 0.5 < report["config"]["sjf_limit"]["full_queue_sjf_vs_fcfs"] < 1.0  # lengths 5-200 words
     md = out.with_suffix(".md").read_text()
     assert "p99 JCT vs FCFS" in md and "Run length" not in md  # a virtual clock has no drift to report
     # exact predictions: Kendall tau 1, and oracle and SSJF then schedule alike

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import stats
 
 from .bench import (TEMPLATE_TOKENS, Job, arrival_times, combine_rounds, load_workload, markdown, summarize,
-                    workload_args)
+                    sjf_limit, workload_args)
 
 
 @dataclass
@@ -182,6 +182,7 @@ def main(argv=None) -> dict:
     config["step_cost"] = vars(cost)
     config["mean_max_tokens"] = float(np.mean(lengths))
     config["prediction_kendall_tau"] = float(stats.kendalltau(predictions, lengths).statistic)
+    config["sjf_limit"] = sjf_limit(lengths)
     report = {"config": config, "runs": []}
     for batching in batchings:
         for rate in rates:
