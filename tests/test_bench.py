@@ -32,6 +32,23 @@ def test_azure_trace_is_time_scaled_to_the_rate(tmp_path):
         arrival_times("azure", 50, rate=2.0, seed=0, trace=str(trace))
 
 
+def test_each_round_gets_new_arrivals_trace_windows_included(tmp_path):
+    import argparse
+    from ssjf_client.bench import round_arrivals
+
+    trace = tmp_path / "trace.csv"
+    stamps = np.cumsum(np.random.default_rng(0).exponential(1.0, 40))
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:{int(t) // 60:02d}:{t % 60:010.7f},10,10\n" for t in stamps))
+    args = argparse.Namespace(arrivals="azure", num_requests=10, seed=0, cv=2.0, azure_trace=str(trace), trace_offset=5)
+    r0, r1 = round_arrivals(args, 2.0, 0), round_arrivals(args, 2.0, 1)
+    assert np.allclose(r0, arrival_times("azure", 10, 2.0, 0, trace=str(trace), trace_offset=5))
+    assert np.allclose(r1, arrival_times("azure", 10, 2.0, 0, trace=str(trace), trace_offset=15))  # the next window
+    assert not np.allclose(r0, r1)
+    args.arrivals = "poisson"
+    assert not np.allclose(round_arrivals(args, 2.0, 0), round_arrivals(args, 2.0, 1))
+
+
 def test_summary_metrics():
     jobs = [Job(0, "a", 4, arrival=0.0, first=0.5, done=1.0), Job(1, "b", 8, arrival=1.0, first=2.0, done=5.0),
             Job(2, "c", 2, arrival=2.0, first=2.5, done=3.0), Job(3, "d", 2, arrival=3.0, error="boom", done=3.1)]

@@ -114,6 +114,14 @@ def arrival_times(kind: str, n: int, rate: float, seed: int, cv: float = 2.0, tr
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
+def round_arrivals(args, rate: float, r: int) -> np.ndarray:
+    """Round r's arrival times: a new seed for Poisson and Gamma arrivals, and the trace's next
+    window of num_requests arrivals for the Azure trace (rounds on the same window would replay
+    the same arrivals)."""
+    return arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
+                         args.trace_offset + r * args.num_requests)
+
+
 # ---- one replay against one server ------------------------------------------------------------
 def replay(grpc_url: str, jobs: list[Job], ignore_eos: bool, timeout: float) -> None:
     by_id = {str(j.index): j for j in jobs}
@@ -398,7 +406,8 @@ def workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--arrivals", choices=["poisson", "gamma", "azure"], default="poisson")
     ap.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
     ap.add_argument("--azure-trace", help="Azure LLM inference trace CSV (TIMESTAMP column)")
-    ap.add_argument("--trace-offset", type=int, default=0)
+    ap.add_argument("--trace-offset", type=int, default=0, help="first trace row of round 1 (round r starts "
+                                                                 "(r - 1) x --num-requests rows later)")
     ap.add_argument("--length-scale", type=float, default=1.0, help="max_tokens = scale x recorded length")
     ap.add_argument("--natural", action="store_true", help="stop at EOS instead of replaying recorded lengths")
     ap.add_argument("--natural-max-tokens", type=int,
@@ -427,7 +436,8 @@ def main(argv=None) -> dict:
                     help="SLO on p90 normalized latency (s/token) for a sweep's capacity: the highest rate that meets "
                          "it, per policy (0.5 suits this 2-core CPU; on a GPU a tenth of that)")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="rounds per rate: each round runs every policy once on new arrival times (seed + round); "
+                    help="rounds per rate: each round runs every policy once on new arrival times (seed + round; "
+                         "with --arrivals azure, the trace's next window of --num-requests arrivals); "
                          "the report gives each metric's mean over rounds and each round's ratio to FCFS")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for stragglers after the last send")
     ap.add_argument("--url", help="use a running server (host:gRPC port) instead of starting one per policy")
@@ -451,16 +461,13 @@ def main(argv=None) -> dict:
     all_jobs = {}
     if args.aiperf_input:
         aiperf_spec = [(p, None if args.natural else mt, n) for p, mt, n in spec]  # natural: no output_length
-        write_aiperf_input(args.aiperf_input, aiperf_spec, arrival_times(args.arrivals, args.num_requests, rates[0],
-                                                                         args.seed, args.cv, args.azure_trace,
-                                                                         args.trace_offset))
+        write_aiperf_input(args.aiperf_input, aiperf_spec, round_arrivals(args, rates[0], 0))
     for batching in [b.strip() for b in args.batching.split(",")]:
         for rate in rates:
             run = {"batching": batching, "rate": rate, "policies": {}, "rounds": [], "orders": []}
             all_jobs[(batching, rate)] = {}
             for r in range(args.repeats):  # rounds interleave the policies, so a drift in speed hits all of them
-                times = arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
-                                      args.trace_offset)
+                times = round_arrivals(args, rate, r)
                 round_ = {}
                 # each round starts with the next policy, so a steady slowdown does not always hit the same one
                 order = policies[r % len(policies):] + policies[: r % len(policies)]

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .bench import (TEMPLATE_TOKENS, Job, arrival_times, combine_rounds, load_workload, markdown, summarize,
-                    sjf_limit, workload_args)
+from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
+                    summarize, workload_args)
 
 
 @dataclass
@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--starvation-s", default="60", help="aging bound on waiting time (comma list: a sweep)")
     ap.add_argument("--max-bypass-ratio", default="2", help="aging bound relative to a job's length (comma list)")
     ap.add_argument("--max-passes", default="16", help="aging bound on later arrivals served first (comma list)")
-    ap.add_argument("--repeats", type=int, default=8, help="rounds (arrival seeds seed, seed+1, ...)")
+    ap.add_argument("--repeats", type=int, default=8, help="rounds: new arrival times each (seeds seed, seed+1, ...; "
+                                                                    "the Azure trace's next window)")
     for name, value in vars(StepCost()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help="seconds (a step's cost model)")
     ap.add_argument("--noise-sigma", type=float,
@@ -159,16 +160,12 @@ def main(argv=None) -> dict:
     guards = list(itertools.product(floats(args.max_passes), floats(args.max_bypass_ratio), floats(args.starvation_s)))
     sweep = len(guards) > 1
 
-    def times_of(rate, r):
-        return arrival_times(args.arrivals, args.num_requests, rate, args.seed + r, args.cv, args.azure_trace,
-                             args.trace_offset)
-
     def run(policy, batching, rate, r, guard, step_cost):
         passes, ratio, starve = guard
         config = EngineConfig(policy=policy, batching=batching, max_batch_size=args.max_batch_size,
                               max_seq_len=args.max_seq_len, starvation_s=starve, max_bypass_ratio=ratio,
                               max_passes=int(passes), cap_by_max_tokens=args.natural)
-        jobs = simulate(config, prompt_tokens, lengths, predictions, times_of(rate, r), step_cost,
+        jobs = simulate(config, prompt_tokens, lengths, predictions, round_arrivals(args, rate, r), step_cost,
                         ignore_eos=not args.natural)
         return summarize(jobs, lengths)
 
