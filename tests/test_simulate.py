@@ -88,3 +88,30 @@ def test_simulate_command_sweeps_guards_into_the_bench_report(tmp_path):
                   "--noise-sigma", "0", "--out", str(tmp_path / "exact.json")])
     assert exact["config"]["prediction_kendall_tau"] == pytest.approx(1.0)
     assert exact["policies"]["ssjf"]["mean_jct_s"] == pytest.approx(exact["policies"]["sjf_oracle"]["mean_jct_s"])
+
+
+def test_from_bench_takes_a_real_reports_workload_guard_and_fcfs_mean(tmp_path):
+    rng = np.random.default_rng(2)
+    data = tmp_path / "rows.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"id": f"c{i}#0", "prompt": f"Question {i} about topic {i % 5}.",
+                                "response": " ".join(["word"] * int(rng.integers(5, 150)))}) + "\n")
+    bench_report = {"config": {"data": str(data), "policies": "fcfs,ssjf", "num_requests": 25, "rate": 4.0, "rates": None,
+                               "batching": "continuous", "arrivals": "poisson", "cv": 2.0, "azure_trace": None,
+                               "trace_offset": 0, "length_scale": 0.5, "natural": False, "natural_max_tokens": None,
+                               "artifact": "recorded", "max_batch_size": 4, "max_seq_len": 2048,
+                               "max_prompt_tokens": 768, "split": "all", "seed": 3, "starvation_s": 60.0,
+                               "max_bypass_ratio": 2.0, "max_passes": 8, "repeats": 3, "timeout": 900.0},
+                    "runs": [{"batching": "continuous", "rate": 4.0,
+                              "policies": {"fcfs": {"mean_jct_s": 6.5}, "ssjf": {"mean_jct_s": 5.0}}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench_report))
+    report = main(["--from-bench", str(path), "--repeats", "2", "--out", str(tmp_path / "sim.json")])
+    config = report["config"]
+    assert (config["num_requests"], config["max_batch_size"], config["seed"], config["max_passes"]) == (25, 4, 3, "8")
+    assert set(report["policies"]) == {"fcfs", "ssjf"}
+    assert report["policies"]["fcfs"]["mean_jct_s"] == pytest.approx(6.5, rel=0.02)  # calibrated on the real FCFS
+    # a flag given on the command line wins over the report's
+    swept = main(["--from-bench", str(path), "--repeats", "1", "--max-passes", "0,16", "--out", str(tmp_path / "s2.json")])
+    assert set(swept["policies"]) == {"fcfs", "ssjf K0 R2 S60", "ssjf K16 R2 S60"}

@@ -395,9 +395,9 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
     return files
 
 
-def workload_args(ap: argparse.ArgumentParser) -> None:
+def workload_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags `ssjf bench` and `ssjf simulate` share: what is replayed, when, and on what server."""
-    ap.add_argument("--data", required=True, help="rows with prompt and response (any supported format)")
+    ap.add_argument("--data", required=required, help="rows with prompt and response (any supported format)")
     ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
     ap.add_argument("--num-requests", type=int, default=100)
     ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")

@@ -9,10 +9,13 @@ decode_seq_s x running, one token each), as `Engine.step` does. The defaults are
 CPU's engine alone (SmolLM2-135M, bf16). A served run is slower than that (Triton's per-token
 sends, the proxy on the same cores): `--calibrate-fcfs-mean S` scales every cost so that FCFS's
 mean JCT is S seconds, the mean a real `ssjf bench` FCFS run measured on the same load.
+`--from-bench REPORT.json` does both at once: that report's workload, arrivals, server and
+guard settings, calibrated on its first run's FCFS mean (flags given too override the report's).
 
 Seconds instead of half an hour per setting, so a load, a batch cap or a guard can be chosen
 before the real run. `--max-passes`, `--max-bypass-ratio` and `--starvation-s` take comma
-lists: each combination is a row (`ssjf K32 R2 S60`). A round is a seed: new arrival times.
+lists: each combination is a row (`ssjf K32 R2 S60`). A round is a seed: new arrival times
+(for the Azure trace, its next window).
 The report has `ssjf bench`'s shape, with each round's mean and p99 JCT as a ratio to FCFS.
 """
 
@@ -119,6 +122,25 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in str(text).split(",")]
 
 
+def bench_defaults(ap: argparse.ArgumentParser, path: str) -> dict:
+    """A bench report's settings as this parser's defaults: the shared workload flags and the guard,
+    and its first run's FCFS mean JCT as the calibration target. The report's own --repeats,
+    --out and the like are not carried: they are the real run's."""
+    with open(path) as f:
+        report = json.load(f)
+    config, known = report["config"], {a.dest for a in ap._actions}
+    out = {k: v for k, v in config.items()
+           if k in known and k not in ("repeats", "from_bench", "calibrate_fcfs_mean")
+           and not k.startswith(("decode", "prefill"))}
+    for key in ("starvation_s", "max_bypass_ratio", "max_passes"):  # comma lists here
+        if key in out:
+            out[key] = f"{out[key]:g}" if isinstance(out[key], (int, float)) else str(out[key])
+    fcfs = report["runs"][0]["policies"].get("fcfs", {}).get("mean_jct_s")
+    if fcfs:
+        out["calibrate_fcfs_mean"] = fcfs
+    return out
+
+
 def main(argv=None) -> dict:
     from ssjf.config import EngineConfig
     from ssjf.data import count_tokens
@@ -126,7 +148,10 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(prog="ssjf simulate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    workload_args(ap)
+    workload_args(ap, required=False)
+    ap.add_argument("--from-bench", metavar="REPORT.json",
+                    help="a real `ssjf bench` report: its workload, arrivals, server and guard settings become this "
+                         "run's defaults (flags given here override them), calibrated on its first run's FCFS mean")
     ap.add_argument("--starvation-s", default="60", help="aging bound on waiting time (comma list: a sweep)")
     ap.add_argument("--max-bypass-ratio", default="2", help="aging bound relative to a job's length (comma list)")
     ap.add_argument("--max-passes", default="16", help="aging bound on later arrivals served first (comma list)")
@@ -141,6 +166,11 @@ def main(argv=None) -> dict:
                     help="scale the step costs so FCFS's mean JCT (over the rounds, first rate) is this many seconds")
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
     args = ap.parse_args(argv)
+    if args.from_bench:
+        ap.set_defaults(**bench_defaults(ap, args.from_bench))
+        args = ap.parse_args(argv)
+    if not args.data:
+        ap.error("--data (or --from-bench) is required")
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
 
     spec = load_workload(args.data, args.num_requests, args.seed, args.length_scale, args.natural,
@@ -174,7 +204,7 @@ def main(argv=None) -> dict:
             [run("fcfs", batchings[0], rates[0], r, guards[0], cost.scaled(f))["mean_jct_s"]
              for r in range(args.repeats)])))
         cost = cost.scaled(factor)
-        print(f"calibrated: step costs x {factor:.3f} give FCFS a mean JCT of {args.calibrate_fcfs_mean} s", flush=True)
+        print(f"calibrated: step costs x {factor:.3f} give FCFS a mean JCT of {args.calibrate_fcfs_mean:.3f} s", flush=True)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["step_cost"] = vars(cost)
     config["mean_max_tokens"] = float(np.mean(lengths))
