@@ -122,16 +122,13 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in str(text).split(",")]
 
 
-def bench_defaults(ap: argparse.ArgumentParser, path: str) -> dict:
-    """A bench report's settings as this parser's defaults: the shared workload flags and the guard,
-    and its first run's FCFS mean JCT as the calibration target. The report's own --repeats,
-    --out and the like are not carried: they are the real run's."""
+def bench_defaults(path: str, flags: set[str]) -> dict:
+    """A bench report's settings for the flags this command shares with it (the workload, arrivals,
+    server and guard), and its first run's FCFS mean JCT as the calibration target. Its --repeats
+    is the real run's, not carried."""
     with open(path) as f:
         report = json.load(f)
-    config, known = report["config"], {a.dest for a in ap._actions}
-    out = {k: v for k, v in config.items()
-           if k in known and k not in ("repeats", "from_bench", "calibrate_fcfs_mean")
-           and not k.startswith(("decode", "prefill"))}
+    out = {k: v for k, v in report["config"].items() if k in flags and k != "repeats"}
     for key in ("starvation_s", "max_bypass_ratio", "max_passes"):  # comma lists here
         if key in out:
             out[key] = f"{out[key]:g}" if isinstance(out[key], (int, float)) else str(out[key])
@@ -167,7 +164,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
     args = ap.parse_args(argv)
     if args.from_bench:
-        ap.set_defaults(**bench_defaults(ap, args.from_bench))
+        ap.set_defaults(**bench_defaults(args.from_bench, set(vars(args))))
         args = ap.parse_args(argv)
     if not args.data:
         ap.error("--data (or --from-bench) is required")
