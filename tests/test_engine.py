@@ -17,9 +17,56 @@ PROMPTS = ["hello there", "a much longer prompt about the sea, the sky, the wind
            "What is 2+2?", "tell me a story about a dragon", "ok"]
 
 
-def make_engine(model, tokenizer, **kw):
-    config = EngineConfig(dtype="float32", max_seq_len=256, **{"max_batch_size": 4, **kw})
-    return Engine(config, runner=ModelRunner(config, model=model, tokenizer=tokenizer))
+class Backend:
+    """One runner kind for the engine tests: an engine on it, its reference tokens (transformers'
+    greedy generate on the same weights), and a way to break its forward pass."""
+
+    def __init__(self, kind, model, tokenizer, llm=None):
+        self.kind, self.model, self.tokenizer, self.llm = kind, model, tokenizer, llm
+
+    def engine(self, clock=time.monotonic, on_death=None, **kw) -> Engine:
+        config = EngineConfig(runner=self.kind, dtype="float32", max_seq_len=256, **{"max_batch_size": 4, **kw})
+        if self.kind == "torch":
+            runner = ModelRunner(config, model=self.model, tokenizer=self.tokenizer)
+        else:
+            from ssjf.vllm_runner import VllmRunner
+
+            runner = VllmRunner(config, engine=self.llm, tokenizer=self.tokenizer)
+        return Engine(config, runner=runner, clock=clock, on_death=on_death)
+
+    def reference(self, prompt_ids, n):
+        return reference(self.model, prompt_ids, n)
+
+    def break_forward(self, monkeypatch, runner, phase, error="kaboom"):
+        """Make the forward pass of `phase` ("admit": the prefill; "step": decoding) raise."""
+        def fail(*a, **k):
+            raise RuntimeError(error)
+
+        if self.kind == "torch":
+            monkeypatch.setattr(runner, "prefill" if phase == "admit" else "decode", fail)
+        else:  # vLLM prefills and decodes inside its step
+            monkeypatch.setattr(runner.engine, "step", fail)
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tokenizer):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install VLLM=1 installs it)")
+    from transformers import AutoModelForCausalLM
+
+    from ssjf.assets import smollm2_path
+    from ssjf.vllm_runner import VllmRunner
+
+    config = EngineConfig(runner="vllm", dtype="float32", max_batch_size=8, max_seq_len=512, enforce_eager=True)
+    llm = VllmRunner._start(config, str(smollm2_path()), "float32")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+    return Backend("vllm", model, tokenizer, llm)
+
+
+@pytest.fixture(params=["torch", "vllm"])
+def backend(request, tiny_model, tokenizer):
+    if request.param == "torch":
+        return Backend("torch", tiny_model, tokenizer)
+    return request.getfixturevalue("vllm_backend")
 
 
 def reference(model, prompt_ids, n):
@@ -35,8 +82,8 @@ def requests(engine, stream=True):
                     stream=stream) for i, p in enumerate(PROMPTS)]
 
 
-def test_continuous_batching_with_joins_matches_generate(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_continuous_batching_with_joins_matches_generate(backend):
+    engine = backend.engine()
     reqs = requests(engine)
     engine.add_request(reqs[0])
     engine.step()
@@ -48,16 +95,16 @@ def test_continuous_batching_with_joins_matches_generate(tiny_model, tokenizer):
         engine.add_request(r)
     engine.run_until_idle()
     for r in reqs:
-        assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens), r.request_id
+        assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens), r.request_id
         assert r.status is RequestStatus.FINISHED and r.finish_reason == "length"
         assert r.sink.finals == 1 and not r.sink.errors
-        assert r.sink.text == tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        assert r.sink.text == backend.tokenizer.decode(r.output_ids, skip_special_tokens=True)
     assert engine.scheduler.running == [] and len(engine.scheduler.waiting) == 0
 
 
 @pytest.mark.parametrize("batching", ["none", "dynamic"])
-def test_other_batching_modes_give_the_same_tokens(tiny_model, tokenizer, batching):
-    engine = make_engine(tiny_model, tokenizer, batching=batching)
+def test_other_batching_modes_give_the_same_tokens(backend, batching):
+    engine = backend.engine(batching=batching)
     reqs = requests(engine)
     for r in reqs:
         engine.add_request(r)
@@ -73,11 +120,11 @@ def test_other_batching_modes_give_the_same_tokens(tiny_model, tokenizer, batchi
         before = after
     assert max_running == (1 if batching == "none" else 4)
     for r in reqs:
-        assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens)
+        assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens)
 
 
 def test_real_smollm2_matches_generate_in_fp32():
-    config = EngineConfig(dtype="float32", max_batch_size=4, max_seq_len=512)
+    config = EngineConfig(runner="torch", dtype="float32", max_batch_size=4, max_seq_len=512)
     engine = Engine(config)
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three colors."]
     reqs = [Request(str(i), engine.encode_prompt(p), max_tokens=16, sink=ListSink(), ignore_eos=True)
@@ -93,27 +140,27 @@ def test_real_smollm2_matches_generate_in_fp32():
     assert "Paris" in reqs[0].sink.text
 
 
-def test_non_streaming_gets_exactly_one_response(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_non_streaming_gets_exactly_one_response(backend):
+    engine = backend.engine()
     reqs = requests(engine, stream=False)
     for r in reqs:
         engine.add_request(r)
     engine.run_until_idle()
     for r in reqs:
         assert len(r.sink.parts) == 1 and r.sink.finals == 1
-        assert r.sink.parts[0] == tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        assert r.sink.parts[0] == backend.tokenizer.decode(r.output_ids, skip_special_tokens=True)
 
 
-def test_streaming_sends_pieces_then_final(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_streaming_sends_pieces_then_final(backend):
+    engine = backend.engine()
     r = requests(engine)[4]
     engine.add_request(r)
     engine.run_until_idle()
     assert len(r.sink.parts) > 1 and r.sink.finals == 1
 
 
-def test_stops_at_eos_unless_ignored(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_stops_at_eos_unless_ignored(backend):
+    engine = backend.engine()
     probe = Request("p", engine.encode_prompt("hello"), max_tokens=3, sink=ListSink(), ignore_eos=True)
     engine.add_request(probe)
     engine.run_until_idle()
@@ -127,8 +174,8 @@ def test_stops_at_eos_unless_ignored(tiny_model, tokenizer):
     assert runs.finish_reason == "length" and len(runs.output_ids) == 10
 
 
-def test_cancelled_request_frees_its_slot_within_one_step(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer, max_batch_size=1, policy="fcfs")
+def test_cancelled_request_frees_its_slot_within_one_step(backend):
+    engine = backend.engine(max_batch_size=1, policy="fcfs")
     a = Request("a", engine.encode_prompt("first"), max_tokens=200, sink=ListSink(), ignore_eos=True)
     b = Request("b", engine.encode_prompt("second"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     engine.add_request(a)
@@ -143,23 +190,22 @@ def test_cancelled_request_frees_its_slot_within_one_step(tiny_model, tokenizer)
     assert b.status is RequestStatus.FINISHED and len(b.output_ids) == 5
 
 
-def test_a_failing_step_ends_requests_with_an_error_and_the_engine_goes_on(tiny_model, tokenizer, monkeypatch):
-    engine = make_engine(tiny_model, tokenizer)
+def test_a_failing_step_ends_requests_with_an_error_and_the_engine_goes_on(backend, monkeypatch):
+    engine = backend.engine()
     a = Request("a", engine.encode_prompt("boom"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     engine.add_request(a)
-    real = engine.runner.prefill
-    monkeypatch.setattr(engine.runner, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
-    engine.step()
+    with monkeypatch.context() as patch:
+        backend.break_forward(patch, engine.runner, "admit")
+        engine.step()
     assert a.status is RequestStatus.FAILED and "kaboom" in a.sink.errors[0] and a.sink.finals == 1
-    monkeypatch.setattr(engine.runner, "prefill", real)
     b = Request("b", engine.encode_prompt("fine"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     engine.add_request(b)
     engine.run_until_idle()
     assert b.status is RequestStatus.FINISHED
 
 
-def test_length_checks(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_length_checks(backend):
+    engine = backend.engine()
     r = Request("a", engine.encode_prompt("hi"), max_tokens=None, sink=ListSink())
     engine.check(r)
     assert r.max_tokens == min(engine.config.default_max_tokens, 256 - r.prompt_len)
@@ -171,8 +217,8 @@ def test_length_checks(tiny_model, tokenizer):
         engine.check(Request("d", list(range(300)), max_tokens=1, sink=ListSink()))
 
 
-def test_engine_thread_serves_concurrent_adds(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_engine_thread_serves_concurrent_adds(backend):
+    engine = backend.engine()
     engine.start()
     try:
         reqs = requests(engine)
@@ -188,8 +234,8 @@ def test_engine_thread_serves_concurrent_adds(tiny_model, tokenizer):
     assert not engine.alive
 
 
-def test_stop_fails_what_is_still_queued(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_stop_fails_what_is_still_queued(backend):
+    engine = backend.engine()
     engine.start()
     r = Request("late", engine.encode_prompt("x"), max_tokens=200, sink=ListSink(), ignore_eos=True)
     engine.stop()
@@ -198,8 +244,8 @@ def test_stop_fails_what_is_still_queued(tiny_model, tokenizer):
     assert r.sink.errors == ["server shutting down"] and r.sink.finals == 1
 
 
-def test_a_full_waiting_queue_rejects_new_requests(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer, max_waiting=3)
+def test_a_full_waiting_queue_rejects_new_requests(backend):
+    engine = backend.engine(max_waiting=3)
     for i in range(3):
         r = Request(str(i), [1, 2], max_tokens=4, sink=ListSink())
         engine.check(r)
@@ -223,8 +269,8 @@ class GoneSink(ListSink):
         return True
 
 
-def test_a_vanished_client_never_kills_the_engine(tiny_model, tokenizer, monkeypatch):
-    engine = make_engine(tiny_model, tokenizer)
+def test_a_vanished_client_never_kills_the_engine(backend, monkeypatch):
+    engine = backend.engine()
     gone = Request("gone", engine.encode_prompt("bye"), max_tokens=50, sink=GoneSink(), ignore_eos=True)
     ok = Request("ok", engine.encode_prompt("hi"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     engine.add_request(gone)
@@ -233,7 +279,7 @@ def test_a_vanished_client_never_kills_the_engine(tiny_model, tokenizer, monkeyp
     assert gone.status is RequestStatus.ABORTED and ok.status is RequestStatus.FINISHED
     boom = Request("boom", engine.encode_prompt("x"), max_tokens=5, sink=ListSink(), ignore_eos=True)
     boom.sink.error = GoneSink().error  # tokens arrive, but the error cannot be delivered
-    monkeypatch.setattr(engine.runner, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
+    backend.break_forward(monkeypatch, engine.runner, "step")
     engine.add_request(boom)
     engine.step()  # a failed step whose error cannot be delivered either
     assert boom.status is RequestStatus.FAILED
@@ -242,7 +288,8 @@ def test_a_vanished_client_never_kills_the_engine(tiny_model, tokenizer, monkeyp
 def test_one_failing_request_fails_alone_and_the_batch_goes_on(tiny_model, tokenizer, monkeypatch):
     """A forward pass that fails whenever the poisoned request is in the batch: the batch is retried
     one request at a time, the poisoned one gets the error, the others give their exact tokens."""
-    engine = make_engine(tiny_model, tokenizer)
+    backend = Backend("torch", tiny_model, tokenizer)  # retrying rows alone is the torch runner's
+    engine = backend.engine()
     reqs = requests(engine)[:4]
     poison = reqs[1]
     real = engine.runner.decode
@@ -261,13 +308,12 @@ def test_one_failing_request_fails_alone_and_the_batch_goes_on(tiny_model, token
     for r in reqs:
         if r is not poison:
             assert r.status is RequestStatus.FINISHED and r.sink.finals == 1
-            assert r.output_ids == reference(tiny_model, r.prompt_ids, r.max_tokens)
+            assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens)
 
 
-def test_requests_past_their_deadline_end_with_an_error(tiny_model, tokenizer):
+def test_requests_past_their_deadline_end_with_an_error(backend):
     now = [0.0]
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, request_timeout_s=100, policy="fcfs")
-    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    engine = backend.engine(clock=lambda: now[0], max_batch_size=1, request_timeout_s=100, policy="fcfs")
     running = Request("run", engine.encode_prompt("a"), max_tokens=200, sink=ListSink(), ignore_eos=True,
                       arrival_time=0.0)
     waiting = Request("wait", engine.encode_prompt("b"), max_tokens=4, sink=ListSink(), ignore_eos=True,
@@ -293,14 +339,14 @@ def test_requests_past_their_deadline_end_with_an_error(tiny_model, tokenizer):
     assert later.status is RequestStatus.FINISHED
 
 
-def test_tiny_temperatures_sample_greedily_instead_of_overflowing(tiny_model, tokenizer):
-    engine = make_engine(tiny_model, tokenizer)
+def test_tiny_temperatures_sample_greedily_instead_of_overflowing(backend):
+    engine = backend.engine()
     r = Request("t", engine.encode_prompt("hello there"), max_tokens=6, sink=ListSink(), ignore_eos=True,
                 temperature=1e-30)
     engine.add_request(r)
     engine.run_until_idle()
     assert r.status is RequestStatus.FINISHED
-    assert r.output_ids == reference(tiny_model, r.prompt_ids, 6)
+    assert r.output_ids == backend.reference(r.prompt_ids, 6)
 
 
 def _wait_for(cond, timeout=30.0):
@@ -310,11 +356,9 @@ def _wait_for(cond, timeout=30.0):
     return cond()
 
 
-def test_a_crashed_loop_fails_in_flight_requests_restarts_then_reports_death(tiny_model, tokenizer, monkeypatch):
+def test_a_crashed_loop_fails_in_flight_requests_restarts_then_reports_death(backend, monkeypatch):
     deaths = []
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=4, max_engine_restarts=1)
-    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer),
-                    on_death=deaths.append)
+    engine = backend.engine(on_death=deaths.append, max_engine_restarts=1)
 
     def crash(*a, **k):
         raise AssertionError("scheduler bug")
@@ -345,15 +389,14 @@ def test_a_crashed_loop_fails_in_flight_requests_restarts_then_reports_death(tin
     ({"starvation_s": 0.0, "max_passes": 4, "max_bypass_ratio": 0}, 500, 4),
     ({"starvation_s": 0.0, "max_passes": 0, "max_bypass_ratio": 2}, 6, 12),  # 2 x 6 one-token jobs
 ])
-def test_under_sustained_short_load_the_longest_wait_stays_within_the_bound(tiny_model, tokenizer, bound, long_pred,
+def test_under_sustained_short_load_the_longest_wait_stays_within_the_bound(backend, bound, long_pred,
                                                                             limit):
     """SSJF at batch 1 with a new short job every step (each step is one second on a fake clock):
     the long job is passed over, but only until the configured bound: by time, by passes, or by the
     work that passed it (one arrival per second: passes ~ seconds)."""
     now = [0.0]
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, policy="ssjf",
-                          cap_by_max_tokens=False, **bound)  # the long job's key is its prediction, not max_tokens 2
-    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    # the long job's key is its prediction, not max_tokens 2
+    engine = backend.engine(clock=lambda: now[0], max_batch_size=1, policy="ssjf", cap_by_max_tokens=False, **bound)
     ids = engine.encode_prompt("x")
     long = Request("long", ids, max_tokens=2, sink=ListSink(), ignore_eos=True, predicted_length=long_pred,
                    arrival_time=0.0)
@@ -370,6 +413,21 @@ def test_under_sustained_short_load_the_longest_wait_stays_within_the_bound(tiny
     waits = [r.first_token_time - r.arrival_time for r in [long, *shorts] if r.first_token_time is not None]
     assert limit - 2 <= long.first_token_time - long.arrival_time <= limit + 1  # the bound, not luck, served it
     assert max(waits) <= limit + 1
+
+
+def test_the_torch_runner_keeps_its_slots_without_holes(tiny_model, tokenizer):
+    config = EngineConfig(runner="torch", dtype="float32", max_seq_len=64, max_batch_size=4)
+    runner = ModelRunner(config, model=tiny_model, tokenizer=tokenizer)
+    a, b, c = [Request(x, [1, 2, 3], max_tokens=4) for x in "abc"]
+    out = runner.admit([a, b, c])
+    assert [r.slot for r in (a, b, c)] == [0, 1, 2] and len(out.tokens) == 3
+    cached = runner.k_cache[:, 2, :, :3].clone()
+    runner.release(a)  # c moves from slot 2 into the hole, its cache with it
+    assert (a.slot, b.slot, c.slot) == (-1, 1, 0)
+    assert torch.equal(runner.k_cache[:, 0, :, :3], cached)
+    runner.release(b)  # the last slot: nothing moves
+    assert runner.slots == [c] and c.slot == 0
+    runner.release(b)  # twice: nothing happens
 
 
 def test_prefill_widths_come_from_a_small_fixed_ladder():
@@ -392,12 +450,11 @@ class CountingSink(ListSink):
         return self.cancelled
 
 
-def test_waiting_requests_are_checked_for_cancellation_sparingly(tiny_model, tokenizer):
+def test_waiting_requests_are_checked_for_cancellation_sparingly(backend):
     """Each check is an IPC call in Triton: the waiting queue is scanned every 10 s, not every step;
     a cancelled waiting request still never reaches prefill."""
     now = [0.0]
-    config = EngineConfig(dtype="float32", max_seq_len=256, max_batch_size=1, policy="fcfs")
-    engine = Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), clock=lambda: now[0])
+    engine = backend.engine(clock=lambda: now[0], max_batch_size=1, policy="fcfs")
     first = Request("a", engine.encode_prompt("a"), max_tokens=100, sink=ListSink(), ignore_eos=True)
     waiting = Request("b", engine.encode_prompt("b"), max_tokens=4, sink=CountingSink(), ignore_eos=True)
     engine.add_request(first)

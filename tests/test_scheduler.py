@@ -9,29 +9,17 @@ def req(rid, prompt_len=4, predicted=10):
     return Request(rid, list(range(prompt_len)), max_tokens=64, predicted_length=predicted)
 
 
-def test_continuous_admits_into_free_slots_in_policy_order():
+def test_continuous_admits_into_free_places_in_policy_order():
     s = Scheduler(EngineConfig(policy="ssjf", max_batch_size=2))
     for r in [req("a", predicted=30), req("b", predicted=10), req("c", predicted=20)]:
         s.add(r)
     admitted = s.schedule()
     assert [r.request_id for r in admitted] == ["b", "c"]
-    assert [r.slot for r in s.running] == [0, 1]
     assert all(r.status is RequestStatus.RUNNING for r in admitted)
     assert s.schedule() == []  # full
-    b = s.running[0]
-    assert s.retire(b) == (1, 0)  # c moves from slot 1 into the hole
-    assert s.running[0].request_id == "c" and s.running[0].slot == 0
+    s.retire(s.running[0])
     assert [r.request_id for r in s.schedule()] == ["a"]  # joins mid-flight
-    assert s.running[1].slot == 1
-
-
-def test_retiring_the_last_slot_moves_nothing():
-    s = Scheduler(EngineConfig(max_batch_size=4))
-    for r in [req("a"), req("b")]:
-        s.add(r)
-    s.schedule()
-    assert s.retire(s.running[1]) is None
-    assert [r.slot for r in s.running] == [0]
+    assert [r.request_id for r in s.running] == ["c", "a"]
 
 
 def test_dynamic_batching_waits_for_the_batch_to_drain():

@@ -7,11 +7,13 @@ from dataclasses import dataclass, fields
 
 POLICIES = ("fcfs", "ssjf", "sjf_oracle")
 BATCHING = ("none", "dynamic", "continuous")
+RUNNERS = ("auto", "torch", "vllm")
 
 
 @dataclass
 class EngineConfig:
     model: str = "smollm2"  # "smollm2" (the packaged default) or an HF folder / hub name
+    runner: str = "auto"  # batched generation: "torch" (ours), "vllm" (vLLM's engine), "auto" (vllm where installed)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 where the hardware has it), "bfloat16", "float16", "float32"
     policy: str = "ssjf"
@@ -32,12 +34,20 @@ class EngineConfig:
     max_engine_restarts: int = 3  # engine-thread crashes survived (in-flight requests fail) before giving up
     chat_template: bool = True  # wrap prompts in the model's chat template
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    enforce_eager: bool = False  # vllm runner: no torch.compile / graph capture (faster start, slower steps)
+    kv_cache_gib: float = 4.0  # vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.batching not in BATCHING:
             raise ValueError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"unknown runner {self.runner!r}; choose one of {', '.join(RUNNERS)}")
+        if self.runner == "auto":
+            import importlib.util
+
+            self.runner = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.max_waiting < 1:
@@ -47,7 +57,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("starvation_s", "max_bypass_ratio", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
+        for name in ("starvation_s", "max_bypass_ratio", "kv_cache_gib", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.batching == "none":

@@ -3,15 +3,16 @@
 Life of a request:
   1. add_request() validates it and hands it to the engine thread (thread-safe inbox).
   2. step(): cancelled requests leave; the scheduler admits waiting requests in policy
-     order into free slots; new requests are prefilled (their first token), then every
-     running request decodes one token.
+     order into the free batch places; the runner admits them (runner.py), then every
+     running request gets its next token from the runner's step.
   3. postprocess: each new token is detokenized incrementally and sent to the request's
      sink (a delta per step when streaming, the whole text at the end otherwise).
-  4. finished requests are retired; their slot is refilled by the last running request.
+  4. finished requests are retired: they leave the batch and the runner frees their cache.
 Every request ends with exactly one final send or one error.
 
-Faults stay as small as they can: a batch whose forward pass fails is retried one request
-at a time, so only the request that fails alone gets an error; a request past its deadline
+Faults stay as small as they can: a runner reports the requests a failed forward pass must
+fail (the torch runner retries a failed batch one request at a time, so only the request that
+fails alone gets an error), and the others go on; a request past its deadline
 ends with an error; a crash of the loop itself fails what is in flight and restarts the loop
 (up to max_engine_restarts), after which the engine reports dead through on_death.
 """
@@ -27,6 +28,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .request import Request, RequestStatus
+from .runner import Runner, make_runner
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -37,13 +39,11 @@ class RequestError(ValueError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner=None, clock=time.monotonic, metrics: Metrics | None = None,
-                 on_death=None):
-        from .model_runner import ModelRunner
-
+    def __init__(self, config: EngineConfig, runner: Runner | None = None, clock=time.monotonic,
+                 metrics: Metrics | None = None, on_death=None):
         self.config = config
         self.clock = clock
-        self.runner = runner if runner is not None else ModelRunner(config)
+        self.runner = runner if runner is not None else make_runner(config)
         self.tokenizer = self.runner.tokenizer
         self.max_seq_len = self.runner.max_seq_len
         self.scheduler = Scheduler(config, clock)
@@ -158,87 +158,71 @@ class Engine:
         admitted = [r for r in admitted if not r.is_done]
         new_tokens = 0
         if admitted:
-            done, tokens = self._generate(admitted, lambda rs: self.runner.prefill(
-                [r.slot for r in rs], [r.prompt_ids for r in rs]))
-            for req in done:
-                req.num_cached = req.prompt_len
-            new_tokens += self._postprocess(done, tokens)
+            new_tokens += self._postprocess(self.runner.admit(admitted))
         running = [r for r in self.scheduler.running if not r.is_done]
         if running:
-            done, tokens = self._generate(running, lambda rs: self.runner.decode(
-                [r.output_ids[-1] for r in rs], [r.num_cached for r in rs], [r.slot for r in rs]))
-            for req in done:
-                req.num_cached += 1
-            new_tokens += self._postprocess(done, tokens)
+            new_tokens += self._postprocess(self.runner.step(running))
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
         self.generated_tokens += new_tokens
         self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running), new_tokens)
 
-    def _generate(self, reqs: list[Request], forward) -> tuple[list[Request], list[int]]:
-        """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
-        the ones that fail alone end with an error, the rest go on. Returns (requests, tokens)."""
-        try:
-            return reqs, self.runner.sample(forward(reqs), [r.temperature for r in reqs])
-        except Exception as exc:
-            if len(reqs) == 1:
-                self._fail_generation(reqs[0], exc)
-                return [], []
-            log.warning("a batch of %d failed (%s); retrying each request alone", len(reqs), exc)
-        ok, tokens = [], []
-        for req in reqs:
-            try:
-                tokens += self.runner.sample(forward([req]), [req.temperature])
-                ok.append(req)
-            except Exception as exc:
-                self._fail_generation(req, exc)
-        return ok, tokens
-
     def _fail_generation(self, req: Request, exc: Exception) -> None:
         log.error("request %s: generation failed: %s", req.request_id, exc)
         self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
 
-    def _postprocess(self, reqs: list[Request], tokens: list[int]) -> int:
-        """Append each request's new token, stream or finish it; returns how many tokens were appended."""
+    def _postprocess(self, out) -> int:
+        """Append each request's new tokens, stream or finish it; returns how many tokens were appended."""
+        for req, exc in out.failed:
+            self._fail_generation(req, exc)
         now = self.clock()
-        eos = self.runner.eos_token_ids
         appended = 0
-        for req, token in zip(reqs, tokens):
-            if req.is_done:
-                continue
-            req.output_ids.append(token)
-            appended += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.metrics.first_token(req)
-            try:
-                delta = req.detok.add(token)
-            except Exception as exc:  # one request's bad token must not end the others
-                self._fail_generation(req, exc)
-                continue
-            reason = None
-            if token in eos and not req.ignore_eos:
-                reason = "stop"
-            elif len(req.output_ids) >= req.max_tokens:
-                reason = "length"
-            elif req.num_cached + 1 >= self.max_seq_len:
-                reason = "context"
-            elif req.deadline is not None and now > req.deadline:
-                self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
-                continue
-            if reason:
-                delta += req.detok.flush()
-            req.text += delta
-            try:
-                if reason:
-                    req.finish_reason = reason
-                    self._finish(req, RequestStatus.FINISHED, last_delta=delta)
-                elif req.stream and delta:
-                    req.sink.send(delta, final=False)
-            except Exception as exc:  # the client went away: free the slot, still try the final flag
-                log.info("request %s: send failed (%s); ending it", req.request_id, exc)
-                self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
+        for req, tokens in out.tokens:
+            for token in tokens:
+                if req.is_done:
+                    break
+                appended += 1
+                self._append(req, token, now)
+            if req.seq in out.stopped and not req.is_done:  # the runner's own stop rule ended it
+                self._end(req, "stop", req.detok.flush() if req.detok else "")
         return appended
+
+    def _append(self, req: Request, token: int, now: float) -> None:
+        req.output_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.first_token(req)
+        try:
+            delta = req.detok.add(token)
+        except Exception as exc:  # one request's bad token must not end the others
+            self._fail_generation(req, exc)
+            return
+        reason = None
+        if token in self.runner.eos_token_ids and not req.ignore_eos:
+            reason = "stop"
+        elif len(req.output_ids) >= req.max_tokens:
+            reason = "length"
+        elif req.prompt_len + len(req.output_ids) >= self.max_seq_len:
+            reason = "context"
+        elif req.deadline is not None and now > req.deadline:
+            self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
+            return
+        if reason:
+            self._end(req, reason, delta + req.detok.flush())
+            return
+        req.text += delta
+        try:
+            if req.stream and delta:
+                req.sink.send(delta, final=False)
+        except Exception as exc:  # the client went away: free the slot, still try the final flag
+            log.info("request %s: send failed (%s); ending it", req.request_id, exc)
+            self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
+
+    def _end(self, req: Request, reason: str, delta: str) -> None:
+        """Finish req normally with its last piece of text."""
+        req.text += delta
+        req.finish_reason = reason
+        self._finish(req, RequestStatus.FINISHED, last_delta=delta)
 
     @staticmethod
     def _deadline_message(req: Request, now: float) -> str:
@@ -263,10 +247,8 @@ class Engine:
             log.warning("request %s: the final response could not be sent", req.request_id, exc_info=True)
 
     def _retire(self, req: Request) -> None:
-        move = self.scheduler.retire(req)
-        if move is not None:
-            src, dst = move
-            self.runner.move_slot(src, dst, self.scheduler.running[dst].num_cached)
+        self.scheduler.retire(req)
+        self.runner.release(req)
 
     def _drop_cancelled(self, running: list[Request]) -> None:
         """Every step: a cancelled running request leaves its slot now."""
@@ -302,7 +284,7 @@ class Engine:
             self._finish(req, RequestStatus.FAILED, message)
         try:
             for req in list(self.scheduler.running):
-                self.scheduler.retire(req)
+                self._retire(req)
             for req in list(self.scheduler.waiting):
                 self.scheduler.remove_waiting(req)
         except Exception:

@@ -1,8 +1,9 @@
-"""Model runner: owns the weights, the KV cache and the two phases, prefill and decode.
+"""Model runner (the `torch` runner): owns the weights, the KV cache, its slots, and the two
+phases, prefill and decode.
 
 The KV cache is one static tensor per K and V, shaped
 [layers, slots, kv_heads, max_seq_len, head_dim]. Running requests occupy slots
-0..B-1 with no holes (the scheduler moves the last request into a freed slot), so a
+0..B-1 with no holes (release() moves the last request into a freed slot), so a
 decode step reads the cache through a plain slice and never recomputes a prefix.
 The forward pass drives the Hugging Face modules of a Llama-family model
 (Llama, SmolLM, Mistral, Qwen2/3) directly, layer by layer.
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import EngineConfig
+from .request import Request
+from .runner import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,18 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+def eos_ids(generation_config, tokenizer) -> set[int]:
+    """The tokens that end a generation: the generation config's and the tokenizer's EOS."""
+    ids = set()
+    for source in (generation_config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
 
 
 def prefill_width(longest: int, limit: int) -> int:
@@ -81,6 +96,7 @@ class ModelRunner:
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.max_seq_len = min(config.max_seq_len, getattr(cfg, "max_position_embeddings", config.max_seq_len))
         self.num_slots = config.max_batch_size
+        self.slots: list[Request] = []  # slots[i].slot == i
         shape = (len(self.layers), self.num_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -88,23 +104,13 @@ class ModelRunner:
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = core.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_seq_len, head_dim]
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self.fused = [self._fuse(layer) for layer in self.layers]
         log.info(
             "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB), %d torch threads",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
             2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20, torch.get_num_threads(),
         )
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(int(v) for v in value)
-        return ids
 
     @staticmethod
     def _rotate(x, cos, sin):
@@ -208,6 +214,57 @@ class ModelRunner:
             x = x + attn.o_proj(out.reshape(b, 1, -1))
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[:, 0])).float()
+
+    # ---- the runner interface (runner.Runner) --------------------------------------------
+    def admit(self, reqs: list[Request]) -> StepOutput:
+        """Give each request the next free slot and prefill it: its first token."""
+        for req in reqs:
+            if len(self.slots) >= self.num_slots:
+                raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
+            req.slot = len(self.slots)
+            self.slots.append(req)
+        out = self._run(reqs, lambda rs: self.prefill([r.slot for r in rs], [r.prompt_ids for r in rs]))
+        for req, _ in out.tokens:
+            req.num_cached = req.prompt_len
+        return out
+
+    def step(self, reqs: list[Request]) -> StepOutput:
+        """Decode one token for each request, in slot order (the cache is then read through a view)."""
+        reqs = sorted(reqs, key=lambda r: r.slot)
+        out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
+                                                      [r.slot for r in rs]))
+        for req, _ in out.tokens:
+            req.num_cached += 1
+        return out
+
+    def release(self, req: Request) -> None:
+        """Free req's slot; the last request moves into the hole, so slots stay 0..B-1."""
+        if req.slot < 0 or req.slot >= len(self.slots) or self.slots[req.slot] is not req:
+            return
+        hole, req.slot = req.slot, -1
+        last = self.slots.pop()
+        if last is not req:
+            self.slots[hole] = last
+            last.slot = hole
+            self.move_slot(len(self.slots), hole, last.num_cached)
+
+    def _run(self, reqs: list[Request], forward) -> StepOutput:
+        """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
+        the ones that fail alone are reported failed, the rest go on."""
+        try:
+            tokens = self.sample(forward(reqs), [r.temperature for r in reqs])
+            return StepOutput(tokens=[(r, [t]) for r, t in zip(reqs, tokens)])
+        except Exception as exc:
+            if len(reqs) == 1:
+                return StepOutput(failed=[(reqs[0], exc)])
+            log.warning("a batch of %d failed (%s); retrying each request alone", len(reqs), exc)
+        out = StepOutput()
+        for req in reqs:
+            try:
+                out.tokens.append((req, self.sample(forward([req]), [req.temperature])))
+            except Exception as exc:
+                out.failed.append((req, exc))
+        return out
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a request's cached K/V from slot src to slot dst."""

@@ -41,7 +41,7 @@ class Scheduler:
         self.waiting = make_queue(config.policy, config.starvation_s, clock, max_passes=config.max_passes,
                                   cap_by_max_tokens=config.cap_by_max_tokens, max_bypass_ratio=config.max_bypass_ratio,
                                   slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic)
-        self.running: list[Request] = []  # running[i].slot == i
+        self.running: list[Request] = []  # in admission order; the runner owns their cache places
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
 
     def add(self, req: Request) -> None:
@@ -62,19 +62,12 @@ class Scheduler:
             admitted.append(self.waiting.pop())
         for req in admitted:
             req.status = RequestStatus.RUNNING
-            req.slot = len(self.running)
             self.running.append(req)
         return admitted
 
-    def retire(self, req: Request) -> tuple[int, int] | None:
-        """Take a request out of its slot. Returns (src, dst) if the last request moved into the hole."""
-        last = self.running.pop()
-        hole, req.slot = req.slot, -1
-        if last is req:
-            return None
-        self.running[hole] = last
-        last.slot = hole
-        return len(self.running), hole
+    def retire(self, req: Request) -> None:
+        """Take a request out of the running batch."""
+        self.running.remove(req)
 
     def remove_waiting(self, req: Request) -> bool:
         return self.waiting.remove(req)

@@ -1,0 +1,57 @@
+"""The seam between the engine and batched generation.
+
+The engine owns the queue, admission, streaming, deadlines and cancellation; a runner owns
+the weights and the KV cache (which rows or blocks a running request holds). Per step the
+engine calls `admit` with the requests the scheduler just let in, then `step` with every
+running request; each returns the tokens each request got. When a request leaves the batch
+for any reason the engine calls `release`, and the runner frees what it held.
+
+Runners: `torch` (model_runner.ModelRunner: our own forward pass over a static cache, no
+dependencies beyond transformers) and `vllm` (vllm_runner.VllmRunner: vLLM's v1 engine,
+its paged attention and kernels, stepped from the engine thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .config import EngineConfig
+from .request import Request
+
+
+@dataclass
+class StepOutput:
+    """What one admit() or step() produced."""
+
+    tokens: list[tuple[Request, list[int]]] = field(default_factory=list)  # new tokens, in order
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)  # requests that must end with an error
+    stopped: set[int] = field(default_factory=set)  # seqs the runner itself ended (its own stop rule)
+
+
+class Runner(Protocol):
+    tokenizer: object
+    max_seq_len: int  # prompt + output tokens per request
+    eos_token_ids: set[int]
+
+    def admit(self, reqs: list[Request]) -> StepOutput:
+        """Take newly scheduled requests into the batch (their prefill may happen here or in step)."""
+
+    def step(self, reqs: list[Request]) -> StepOutput:
+        """One decode step for every running request in reqs."""
+
+    def release(self, req: Request) -> None:
+        """req has left the batch (finished, cancelled, failed): free its cache; never raises."""
+
+
+def make_runner(config: EngineConfig) -> Runner:
+    """The runner config.runner names."""
+    if config.runner == "torch":
+        from .model_runner import ModelRunner
+
+        return ModelRunner(config)
+    if config.runner == "vllm":
+        from .vllm_runner import VllmRunner
+
+        return VllmRunner(config)
+    raise ValueError(f"unknown runner {config.runner!r}")
