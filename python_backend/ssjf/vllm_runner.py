@@ -20,6 +20,20 @@ from .runner import StepOutput
 log = logging.getLogger(__name__)
 
 
+def _utf8_locale() -> None:
+    """Triton's stub runs Python under the C locale, so files open as ASCII; torch's compiler,
+    which vLLM imports, reads UTF-8 templates. Text files open in UTF-8 from here on."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+                return
+            except locale.Error:
+                continue
+
+
 def engine_args(config: EngineConfig, path: str, dtype: str):
     """vLLM's engine arguments for our config; `vllm serve` peers are started with the same values."""
     from vllm import EngineArgs
@@ -61,6 +75,7 @@ class VllmRunner:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if config.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        _utf8_locale()
         from vllm.v1.engine.llm_engine import LLMEngine
 
         return LLMEngine.from_engine_args(engine_args(config, path, dtype))
