@@ -1,6 +1,8 @@
-"""Engine throughput, side by side in one run: this engine's continuous batching,
-transformers' static batched `generate`, and transformers' continuous batching
-(`generate_batch`). N requests, each generating exactly T new tokens (EOS ignored).
+"""Engine throughput, side by side in one run: this engine's continuous batching on the torch
+runner, transformers' static batched `generate`, transformers' continuous batching
+(`generate_batch`), and where vLLM is installed this engine on the vllm runner against vLLM's
+own engine stepped bare (no queue of ours: what our queue costs). N requests, each generating
+exactly T new tokens (EOS ignored).
 """
 
 from __future__ import annotations
@@ -49,6 +51,36 @@ def bench_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> f
     return len(reqs) * new_tokens / elapsed
 
 
+def bench_vllm_bare(llm, prompts: list[list[int]], new_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        llm.add_request(f"bare{time.monotonic_ns()}-{i}", {"prompt_token_ids": p}, params)
+    total = 0
+    while llm.has_unfinished_requests():
+        total += sum(len(o.outputs[0].token_ids) for o in llm.step() if o.finished)
+    elapsed = time.perf_counter() - start
+    assert total == len(prompts) * new_tokens, total
+    return total / elapsed
+
+
+def machine() -> dict:
+    """CPU model, the ISA flags that decide dtypes, threads."""
+    info = {"threads": torch.get_num_threads()}
+    try:
+        text = open("/proc/cpuinfo").read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
+        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
 def bench_hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(p) for p in prompts)
@@ -87,11 +119,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
-    ap.add_argument("--skip", default="", help="comma list of baselines to skip: generate,generate_batch")
+    ap.add_argument("--skip", default="", help="comma list of baselines to skip: generate,generate_batch,vllm")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="torch",
                           max_batch_size=args.concurrency, max_seq_len=1024)
     engine = Engine(config)
     model, tok = engine.runner.model, engine.tokenizer
@@ -100,6 +132,14 @@ def main(argv=None) -> dict:
             "hf_generate_static": lambda: bench_hf_generate(model, tok, prompts, args.new_tokens),
             "hf_generate_batch": lambda: bench_hf_generate_batch(model, tok, prompts, args.new_tokens)}
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    import importlib.util
+
+    if "vllm" not in skip and importlib.util.find_spec("vllm") is not None:
+        vconfig = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="vllm",
+                               max_batch_size=args.concurrency, max_seq_len=1024)
+        vengine = Engine(vconfig)
+        runs["ssjf_engine_vllm"] = lambda: bench_engine(vengine, prompts, args.new_tokens)
+        runs["vllm_bare"] = lambda: bench_vllm_bare(vengine.runner.engine, prompts, args.new_tokens)
     results = {}
     for name, fn in runs.items():
         if name.replace("hf_", "").replace("_static", "") in skip:
@@ -109,11 +149,14 @@ def main(argv=None) -> dict:
         print(f"{name:22s} {best:8.1f} tokens/s", flush=True)
     report = {"config": {"model": args.model, "device": args.device, "dtype": str(engine.runner.dtype),
                          "concurrency": args.concurrency, "new_tokens": args.new_tokens,
-                         "threads": torch.get_num_threads()}, "tokens_per_s": results}
+                         "machine": machine()}, "tokens_per_s": results}
     if "hf_generate_static" in results:
         report["engine_vs_generate"] = round(results["ssjf_engine"] / results["hf_generate_static"], 2)
     if "hf_generate_batch" in results:
         report["engine_vs_generate_batch"] = round(results["ssjf_engine"] / results["hf_generate_batch"], 2)
+    if "vllm_bare" in results:
+        report["vllm_runner_vs_vllm_bare"] = round(results["ssjf_engine_vllm"] / results["vllm_bare"], 3)
+        report["torch_runner_vs_vllm_bare"] = round(results["ssjf_engine"] / results["vllm_bare"], 2)
     return emit(report, args.out)
 
 

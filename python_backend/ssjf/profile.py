@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+from .assets import resolve_llm
 from .config import EngineConfig
 from .data import conversation, load_rows
 from .engine import Engine, RequestError
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--runner", default="torch", choices=["torch", "vllm"], help="batched generation (greedy: the same lengths)")
     ap.add_argument("--max-tokens", type=int, default=512, help="cap on each answer")
     ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped")
     ap.add_argument("--limit", type=int, default=0, help="profile at most this many new prompts")
@@ -64,10 +66,10 @@ def main(argv=None) -> int:
     prompts = [(p, list(ids.values())) for p, ids in homes.items()]  # (prompt, source row ids)
     if args.limit:
         prompts = prompts[: args.limit]
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, policy="fcfs",
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, policy="fcfs", runner=args.runner,
                           max_batch_size=args.batch, max_seq_len=args.max_prompt_tokens + args.max_tokens)
     engine = Engine(config)
-    model_name = os.path.basename(os.path.normpath(engine.runner.model.name_or_path)) or args.model
+    model_name = os.path.basename(os.path.normpath(resolve_llm(args.model))) or args.model
     pending = iter(enumerate(prompts))
     active: list[Request] = []
     texts: dict[str, tuple[str, list[str]]] = {}  # request id -> (prompt text, source row ids)

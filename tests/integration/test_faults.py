@@ -50,7 +50,9 @@ def faulty_server(tmp_path_factory):
     repo = root / "model_repository"
     shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "llm" / "1" / "model.py").write_text(WRAPPER.format(real=str(MODEL_REPOSITORY / "llm" / "1" / "model.py")))
-    env = {"SSJF_POLICY": "ssjf", "SSJF_BATCHING": "continuous", "SSJF_MAX_ENGINE_RESTARTS": "0"}
+    # the poisoned row is injected into the torch runner's decode (it retries a failed batch row by row)
+    env = {"SSJF_POLICY": "ssjf", "SSJF_BATCHING": "continuous", "SSJF_MAX_ENGINE_RESTARTS": "0",
+           "SSJF_RUNNER": "torch"}
     srv = TritonServer(ServerConfig.on_free_ports(model_repository=repo), env=dict(os.environ, **env),
                        log_path=root / "tritonserver.log")
     srv.start(timeout=240)
