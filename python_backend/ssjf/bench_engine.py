@@ -8,6 +8,7 @@ exactly T new tokens (EOS ignored).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import torch
@@ -132,8 +133,6 @@ def main(argv=None) -> dict:
             "hf_generate_static": lambda: bench_hf_generate(model, tok, prompts, args.new_tokens),
             "hf_generate_batch": lambda: bench_hf_generate_batch(model, tok, prompts, args.new_tokens)}
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    import importlib.util
-
     if "vllm" not in skip and importlib.util.find_spec("vllm") is not None:
         vconfig = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="vllm",
                                max_batch_size=args.concurrency, max_seq_len=1024)

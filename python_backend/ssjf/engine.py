@@ -28,7 +28,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .request import Request, RequestStatus
-from .runner import Runner, make_runner
+from .runner import Runner, StepOutput, make_runner
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Engine:
         log.error("request %s: generation failed: %s", req.request_id, exc)
         self._finish(req, RequestStatus.FAILED, f"generation failed: {exc}")  # never raises
 
-    def _postprocess(self, out) -> int:
+    def _postprocess(self, out: StepOutput) -> int:
         """Append each request's new tokens, stream or finish it; returns how many tokens were appended."""
         for req, exc in out.failed:
             self._fail_generation(req, exc)
@@ -183,8 +183,9 @@ class Engine:
                     break
                 appended += 1
                 self._append(req, token, now)
-            if req.seq in out.stopped and not req.is_done:  # the runner's own stop rule ended it
-                self._end(req, "stop", req.detok.flush() if req.detok else "")
+        for req in out.stopped:  # the runner's own stop rule ended it (with or without a last token)
+            if not req.is_done:
+                self._end(req, "stop", req.detok.flush())
         return appended
 
     def _append(self, req: Request, token: int, now: float) -> None:

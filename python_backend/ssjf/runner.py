@@ -26,7 +26,7 @@ class StepOutput:
 
     tokens: list[tuple[Request, list[int]]] = field(default_factory=list)  # new tokens, in order
     failed: list[tuple[Request, Exception]] = field(default_factory=list)  # requests that must end with an error
-    stopped: set[int] = field(default_factory=set)  # seqs the runner itself ended (its own stop rule)
+    stopped: list[Request] = field(default_factory=list)  # requests the runner itself ended (its own stop rule)
 
 
 class Runner(Protocol):

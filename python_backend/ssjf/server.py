@@ -51,9 +51,6 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the stub's Python reads files as ASCII under the C locale; torch's compiler has UTF-8 templates
-    env.setdefault("PYTHONUTF8", "1")
-    env.setdefault("LC_ALL", "C.UTF-8")
     return env
 
 

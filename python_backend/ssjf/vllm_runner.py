@@ -35,7 +35,7 @@ def _utf8_locale() -> None:
 
 
 def engine_args(config: EngineConfig, path: str, dtype: str):
-    """vLLM's engine arguments for our config; `vllm serve` peers are started with the same values."""
+    """vLLM's engine arguments for our config (vLLM's defaults otherwise, as `vllm serve` has them)."""
     from vllm import EngineArgs
 
     return EngineArgs(model=path, tokenizer=path, dtype=dtype, max_num_seqs=config.max_batch_size,
@@ -54,7 +54,6 @@ class VllmRunner:
         path = resolve_llm(config.model)
         device = torch.device(config.device)
         dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
-        self.max_seq_len = config.max_seq_len
         if engine is None:
             engine = self._start(config, path, dtype)
         self.engine = engine
@@ -118,7 +117,7 @@ class VllmRunner:
                 out.tokens.append((req, list(o.outputs[0].token_ids)))
             if o.finished:
                 del self._live[o.request_id]
-                out.stopped.add(req.seq)
+                out.stopped.append(req)
         return out
 
     def release(self, req: Request) -> None:
