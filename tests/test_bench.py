@@ -101,7 +101,7 @@ def test_aiperf_input_is_the_same_replay(tmp_path):
 
 
 def test_aiperf_payload_template_renders_a_request_the_server_accepts():
-    """The README's aiperf command posts this template to /generate_stream: it must be JSON, name
+    """docs/benchmarking.md's aiperf command posts this template to /generate_stream: it must be JSON, name
     only inputs the llm accepts (unknown fields are rejected), and ask for a token stream."""
     from pathlib import Path
 
