@@ -229,9 +229,10 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
     return summarize(jobs, out_lengths), jobs
 
 
-def combine_rounds(rounds: list[dict]) -> dict:
+def combine_rounds(rounds: list[dict], base: str = "fcfs",
+                   keys: tuple[str, ...] = ("mean_jct_s", "p99_jct_s", "duration_s")) -> dict:
     """Per policy: the mean of each metric over rounds (completed and failed summed), and each
-    round's mean and p99 JCT as a ratio to that round's FCFS (`vs_fcfs`: median, min, max), the
+    round's `keys` as a ratio to that round's `base` (`KEY_vs_BASE`: median, min, max), the
     comparison that survives a machine whose speed drifts between rounds."""
     out = {}
     for policy in rounds[0]:
@@ -244,12 +245,12 @@ def combine_rounds(rounds: list[dict]) -> dict:
         m["completed"] = sum(r[policy].get("completed", 0) for r in rounds)
         m["failed"] = sum(r[policy].get("failed", 0) for r in rounds)
         m["rounds"] = len(rounds)
-        pairs = [(r[policy], r["fcfs"]) for r in rounds
-                 if "fcfs" in r and r[policy].get("completed") and r["fcfs"].get("completed")]
-        for key in ("mean_jct_s", "p99_jct_s", "duration_s"):
+        pairs = [(r[policy], r[base]) for r in rounds
+                 if base in r and r[policy].get("completed") and r[base].get("completed")]
+        for key in keys:
             ratios = [x[key] / f[key] for x, f in pairs if x.get(key) and f.get(key)]
             if ratios:
-                m[f"{key}_vs_fcfs"] = {"median": float(np.median(ratios)), "min": float(min(ratios)),
+                m[f"{key}_vs_{base}"] = {"median": float(np.median(ratios)), "min": float(min(ratios)),
                                        "max": float(max(ratios)), "rounds": ratios}
         out[policy] = m
     return out
@@ -395,14 +396,16 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
     return files
 
 
-def workload_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags `ssjf bench` and `ssjf simulate` share: what is replayed, when, and on what server."""
+def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: bool = True) -> None:
+    """The flags `ssjf bench`, `ssjf simulate` and `ssjf versus` share: what is replayed, when, and
+    on what server; `schedule`: also the policies, rates and batching modes to run."""
     ap.add_argument("--data", required=required, help="rows with prompt and response (any supported format)")
-    ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
     ap.add_argument("--num-requests", type=int, default=100)
-    ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")
-    ap.add_argument("--rates", help="comma list of rates: a load sweep (overrides --rate)")
-    ap.add_argument("--batching", default="continuous", help="comma list of none,dynamic,continuous")
+    if schedule:
+        ap.add_argument("--policies", default="fcfs,ssjf,sjf_oracle")
+        ap.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, requests/s")
+        ap.add_argument("--rates", help="comma list of rates: a load sweep (overrides --rate)")
+        ap.add_argument("--batching", default="continuous", help="comma list of none,dynamic,continuous")
     ap.add_argument("--arrivals", choices=["poisson", "gamma", "azure"], default="poisson")
     ap.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
     ap.add_argument("--azure-trace", help="Azure LLM inference trace CSV (TIMESTAMP column)")

@@ -11,6 +11,7 @@ COMMANDS = {
     "prepare": ("ssjf.cli:prepare_main", "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backends)"),
     "generate": ("ssjf_client.cli:main", "send one prompt over gRPC and stream the answer"),
     "bench": ("ssjf_client.bench:main", "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy"),
+    "versus": ("ssjf_client.versus:main", "this project against `vllm serve` (FCFS and priority), same arrivals, fresh servers"),
     "simulate": ("ssjf_client.simulate:main", "the bench's replay through the engine's scheduler, on a virtual clock"),
     "bench-engine": ("ssjf.bench_engine:main", "engine tokens/s against transformers' generate and generate_batch"),
     "bench-overhead": ("ssjf_client.overhead:main", "Triton round trip minus the engine's own time, concurrency 1"),

@@ -2,6 +2,8 @@
 
 `Metrics` records nothing (tests, benchmarks); `TritonMetrics` publishes through
 `pb_utils.MetricFamily` on Triton's /metrics endpoint, every family labelled by policy.
+Each update is an IPC round trip in Triton's stub, so the updates run through `run` (the
+responder's queue, off the engine thread) and gauges are set only when they change.
 Server-side times start when execute() receives the request.
 """
 
@@ -28,7 +30,9 @@ class Metrics:
 
 
 class TritonMetrics(Metrics):
-    def __init__(self, pb_utils, policy: str):
+    def __init__(self, pb_utils, policy: str, run=None):
+        self._run = run or (lambda fn, *args: fn(*args))  # where updates execute
+        self._last_gauges = None
         mf = pb_utils.MetricFamily
         labels = {"policy": policy}
         # the families must stay alive as long as their metrics: keep them on self
@@ -62,22 +66,27 @@ class TritonMetrics(Metrics):
         return metric
 
     def step(self, waiting: int, running: int, new_tokens: int) -> None:
+        if (waiting, running) != self._last_gauges:
+            self._last_gauges = (waiting, running)
+            self._run(self._set_gauges, waiting, running)
+        if new_tokens:
+            self._run(self.tokens.increment, new_tokens)
+
+    def _set_gauges(self, waiting: int, running: int) -> None:
         self.queue.set(waiting)
         self.running.set(running)
-        if new_tokens:
-            self.tokens.increment(new_tokens)
 
     def first_token(self, req: Request) -> None:
-        self.ttft.observe(req.first_token_time - req.arrival_time)
+        self._run(self.ttft.observe, req.first_token_time - req.arrival_time)
 
     def finished(self, req: Request) -> None:
-        self._counter("requests", "status", req.status.value).increment(1)
-        self.jct.observe(req.finish_time - req.arrival_time)
+        self._run(self._counter("requests", "status", req.status.value).increment, 1)
+        self._run(self.jct.observe, req.finish_time - req.arrival_time)
         if req.predicted_length is not None and req.finish_reason in ("stop", "length"):
-            self.error.observe(req.predicted_length - len(req.output_ids))
+            self._run(self.error.observe, req.predicted_length - len(req.output_ids))
 
     def rejected(self, reason: str) -> None:
-        self._counter("rejected", "field", reason).increment(1)
+        self._run(self._counter("rejected", "field", reason).increment, 1)
 
     def proxy_fallback(self) -> None:
-        self.fallbacks.increment(1)
+        self._run(self.fallbacks.increment, 1)

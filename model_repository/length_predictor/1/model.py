@@ -2,11 +2,11 @@
 
 import os
 
-
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from ssjf.cpus import bind_process, service_cpus
 from ssjf.proxy import LengthPredictor
 from ssjf.serving import model_parameters
 
@@ -14,8 +14,13 @@ from ssjf.serving import model_parameters
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        if int(params.get("num_threads", "0")) > 0:
-            torch.set_num_threads(int(params["num_threads"]))
+        threads = params.get("num_threads", "auto")
+        if threads == "auto" and params.get("device", "cpu") == "cpu":
+            cpus = service_cpus()  # off the engine's cores (ssjf.cpus)
+            bind_process(cpus)
+            torch.set_num_threads(len(cpus))
+        elif threads != "auto" and int(threads) > 0:
+            torch.set_num_threads(int(threads))
         self.failed_once = False
         # SSJF_PROXY_ARTIFACT overrides the config (trace replay serves the `recorded` artifact)
         artifact = os.environ.get("SSJF_PROXY_ARTIFACT") or params.get("artifact", "smollm2")

@@ -12,6 +12,7 @@ from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.metrics import TritonMetrics
 from ssjf.request import Request
+from ssjf.responder import Responder
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
 
 
@@ -45,7 +46,8 @@ class TritonPythonModel:
     def initialize(self, args):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = EngineConfig.from_strings(model_parameters(args))
-        self.metrics = TritonMetrics(pb_utils, self.config.policy)
+        self.responder = Responder()  # sends, cancellation checks and metric updates, off the engine thread
+        self.metrics = TritonMetrics(pb_utils, self.config.policy, run=self.responder.put)
         self.engine = Engine(self.config, metrics=self.metrics, on_death=self._engine_died)
         self.engine.start()
         logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
@@ -68,7 +70,7 @@ class TritonPythonModel:
                     request_id=request.request_id() or "",
                     prompt_ids=self.engine.encode_prompt(inputs.text),
                     max_tokens=inputs.max_tokens,  # None: the engine default
-                    sink=sink,
+                    sink=self.responder.wrap(sink),
                     ignore_eos=inputs.ignore_eos,
                     temperature=inputs.temperature,
                     stream=inputs.stream,
@@ -101,3 +103,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+        self.responder.stop()  # the final responses the engine queued while stopping
