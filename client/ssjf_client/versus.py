@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import Job, combine_rounds, load_workload, replay, round_arrivals, sjf_limit, summarize, workload_args
+from .bench import (Job, combine_rounds, load_workload, replay, round_arrivals, sjf_limit, summarize, workload_args,
+                    write_aiperf_input)
 
 VLLM_CONTENDERS = {"vllm-fcfs": "fcfs", "vllm-priority": "priority"}
 
@@ -170,9 +171,22 @@ def parse_contender(name: str) -> tuple[str, str]:
     return "triton", name
 
 
+def start_triton(env: dict, log: Path, attempts: int = 3):
+    """A tritonserver on free ports; tried again on new ports when one was taken meanwhile (free
+    ports are only free when they are picked, and a vLLM process binds ports of its own)."""
+    from ssjf.server import ServerConfig, TritonServer
+
+    for attempt in range(attempts):
+        try:
+            return TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log).start(timeout=900)
+        except RuntimeError:
+            if attempt == attempts - 1 or "already in use" not in log.read_text(errors="replace")[-20000:]:
+                raise
+            print(f"tritonserver: a port was taken; trying new ports ({attempt + 2} of {attempts})", flush=True)
+
+
 def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tuple[dict, list[Job]]:
     from ssjf.assets import resolve_llm
-    from ssjf.server import ServerConfig, TritonServer
 
     kind, what = parse_contender(name)
     jobs = [Job(i, p, mt, float(t)) for i, ((p, mt, _), t) in enumerate(zip(spec, times))]
@@ -193,7 +207,7 @@ def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tu
                    SSJF_DTYPE=args.dtype, SSJF_MAX_BATCH_SIZE=str(args.max_batch_size),
                    SSJF_MAX_SEQ_LEN=str(args.max_seq_len), SSJF_PROXY_ARTIFACT=args.artifact,
                    SSJF_KV_CACHE_GIB=f"{args.kv_cache_gib:g}", SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0")
-        server = TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log).start(timeout=900)
+        server = start_triton(env, log)
         try:
             replay(server.grpc_url, [Job(-1, "Hello!", 4, 0.0)], True, 120)
             replay(server.grpc_url, jobs, ignore_eos, args.timeout)
@@ -268,6 +282,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="both servers' CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--aiperf-input", help="also write round 1's replay (first rate) as aiperf single_turn JSONL, "
+                                           "for an outside client's cross-check of one row")
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table and the servers' logs beside it)")
     args = ap.parse_args(argv)
     args.artifact = args.artifact or ("smollm2" if args.natural else "recorded")
@@ -296,9 +312,12 @@ def main(argv=None) -> dict:
     if not args.natural:
         config["sjf_limit"] = sjf_limit(lengths)
     report = {"config": config, "machine": machine(), "runs": []}
+    rates = [float(r) for r in args.rates.split(",")]
+    if args.aiperf_input:
+        write_aiperf_input(args.aiperf_input, spec, round_arrivals(args, rates[0], 0))
     log_dir = Path(args.out).with_suffix(".logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    for rate in [float(r) for r in args.rates.split(",")]:
+    for rate in rates:
         run = {"rate": rate, "rounds": [], "orders": [], "contenders": {}}
         for r in range(args.repeats):
             times = round_arrivals(args, rate, r)
