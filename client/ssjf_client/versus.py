@@ -172,13 +172,18 @@ def parse_contender(name: str) -> tuple[str, str]:
 
 
 def start_triton(env: dict, log: Path, attempts: int = 3):
-    """A tritonserver on free ports; tried again on new ports when one was taken meanwhile (free
-    ports are only free when they are picked, and a vLLM process binds ports of its own)."""
+    """A tritonserver on free ports; started again on new ports when one was taken meanwhile (free
+    ports are only free when they are picked, and a vLLM process binds ports of its own), or when
+    it did not get ready in time."""
     from ssjf.server import ServerConfig, TritonServer
 
     for attempt in range(attempts):
         try:
-            return TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log).start(timeout=900)
+            return TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log).start(timeout=420)
+        except TimeoutError:  # seen once: a model's initialize returned and Triton never heard of it
+            if attempt == attempts - 1:
+                raise
+            print(f"tritonserver: not ready in time; starting it again ({attempt + 2} of {attempts})", flush=True)
         except RuntimeError:
             if attempt == attempts - 1 or "already in use" not in log.read_text(errors="replace")[-20000:]:
                 raise

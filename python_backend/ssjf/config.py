@@ -33,7 +33,7 @@ class EngineConfig:
     max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
     max_engine_restarts: int = 3  # engine-thread crashes survived (in-flight requests fail) before giving up
     chat_template: bool = True  # wrap prompts in the model's chat template
-    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    num_threads: int = 0  # CPU threads for generation; 0: torch runner keeps torch's default, vllm runner takes all cores but one
     enforce_eager: bool = False  # vllm runner: no torch.compile / graph capture (faster start, slower steps)
     kv_cache_gib: float = 4.0  # vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)
 
