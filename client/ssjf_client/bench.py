@@ -159,13 +159,23 @@ def replay(grpc_url: str, jobs: list[Job], ignore_eos: bool, timeout: float) -> 
         job.sent = time.perf_counter()
         client.async_stream_infer("ssjf", build_inputs(job.prompt, job.max_tokens, ignore_eos or None),
                                   request_id=str(job.index), enable_empty_final_response=True)
+    wait_for_jobs(jobs, timeout)
+    client.stop_stream()
+    client.close()
+    relative_times(jobs, start)
+
+
+def wait_for_jobs(jobs: list[Job], timeout: float) -> None:
+    """Wait up to timeout (in all) for every job's final response; a job without one fails."""
     deadline = time.perf_counter() + timeout
     for job in jobs:
         if not job.finished.wait(max(0.0, deadline - time.perf_counter())):
             job.error = "no final response before the timeout"
-    client.stop_stream()
-    client.close()
-    for job in jobs:  # times relative to the replay start
+
+
+def relative_times(jobs: list[Job], start: float) -> None:
+    """Each job's clock readings as seconds from the replay's start."""
+    for job in jobs:
         for name in ("sent", "first", "done"):
             value = getattr(job, name)
             setattr(job, name, None if value is None else value - start)
@@ -496,12 +506,16 @@ def main(argv=None) -> dict:
     report["slo"] = slo_capacity(report["runs"], args.slo_norm_latency)
     if args.plots:
         report["plots"] = plot(report, all_jobs, Path(args.plots))
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    md = markdown(report)
-    Path(args.out).with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return report
+
+
+def write_report(out: str, report: dict, md: str) -> None:
+    """REPORT.json, and its Markdown beside it (also printed)."""
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    Path(out).with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import (Job, combine_rounds, load_workload, replay, round_arrivals, sjf_limit, summarize, workload_args,
-                    write_aiperf_input)
+from .bench import (Job, combine_rounds, load_workload, relative_times, replay, round_arrivals, sjf_limit, summarize,
+                    wait_for_jobs, workload_args, write_aiperf_input, write_report)
 
 VLLM_CONTENDERS = {"vllm-fcfs": "fcfs", "vllm-priority": "priority"}
 
@@ -147,14 +147,8 @@ def openai_replay(url: str, model: str, jobs: list[Job], ignore_eos: bool, timeo
         t = threading.Thread(target=one, args=(k, job), daemon=True)
         t.start()
         threads.append(t)
-    deadline = time.perf_counter() + timeout
-    for job in jobs:
-        if not job.finished.wait(max(0.0, deadline - time.perf_counter())):
-            job.error = "no final response before the timeout"
-    for job in jobs:
-        for name in ("sent", "first", "done"):
-            value = getattr(job, name)
-            setattr(job, name, None if value is None else value - start)
+    wait_for_jobs(jobs, timeout)
+    relative_times(jobs, start)
     return tokens
 
 
@@ -344,11 +338,7 @@ def main(argv=None) -> dict:
             with open(args.out, "w") as f:  # after every round: a long run keeps what it has
                 json.dump({**report, "runs": report["runs"] + [run]}, f, indent=2)
         report["runs"].append(run)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    md = markdown(report)
-    Path(args.out).with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return report
 
 
