@@ -1,22 +1,12 @@
 """Locust users speaking Triton gRPC streaming to the `ssjf` ensemble.
 
 Each request is reported twice: `ttft` (first token) and `jct` (final response), as
-separate entries, both measured at the client. Settings from the environment:
-  SSJF_PROMPTS     JSON lines with `prompt` (and `response`); default: a built-in set
-  SSJF_MAX_TOKENS  cap per request (default 64); with SSJF_TRACE=1 the recorded
-                   response's token count is used instead, with ignore_eos (to compare
-                   policies that way, serve with SSJF_CAP_BY_MAX_TOKENS=0: max_tokens is then
-                   the true length, and SSJF must not read it)
-  SSJF_MODEL       ensemble name (default ssjf)
-  SSJF_RATE        steady Poisson-like load: total requests/s over all users (each user
-                   waits an exponential time with mean users / rate between requests)
-  SSJF_SHAPE=azure replay the Azure trace's arrival rate over time (SSJF_AZURE_TRACE, the
-                   CSV; SSJF_TIME_SCALE compresses its time, default 60; SSJF_PEAK_USERS
-                   is the user count at the trace's busiest minute, default 32)
+separate entries, both measured at the client. Settings (LoadSettings below) from the
+environment as SSJF_LOAD_<NAME>, e.g.:
 
   locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s --host 127.0.0.1:8001
-  SSJF_RATE=1.0 locust -f loadtest/locustfile.py --headless -u 16 -r 16 -t 120s --host 127.0.0.1:8001
-  SSJF_SHAPE=azure SSJF_AZURE_TRACE=azure_llm_trace_conv.csv locust -f loadtest/locustfile.py \
+  SSJF_LOAD_RATE=1.0 locust -f loadtest/locustfile.py --headless -u 16 -r 16 -t 120s --host 127.0.0.1:8001
+  SSJF_LOAD_SHAPE=azure SSJF_LOAD_AZURE_TRACE=azure_llm_trace_conv.csv locust -f loadtest/locustfile.py \
       --headless --host 127.0.0.1:8001
 """
 
@@ -25,26 +15,45 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()  # before anything opens a gRPC channel
 
 import json  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 from locust import LoadTestShape, User, between, events, task  # noqa: E402
 
+from ssjf.config import load_settings  # noqa: E402
 from ssjf_client import SSJFClient  # noqa: E402
+
+
+@dataclass
+class LoadSettings:
+    model: str = "ssjf"  # the Triton model to call: ssjf (the ensemble) or llm
+    prompts: str = ""  # JSON lines with `prompt` (and `response`); empty: a built-in set
+    max_tokens: int = 64  # cap per request
+    # 1: each prompt's recorded response length as max_tokens, with ignore_eos (to compare policies
+    # that way, serve with SSJF_CAP_BY_MAX_TOKENS=0, or SSJF reads the true length)
+    trace: bool = False
+    rate: float = 0.0  # > 0: Poisson-like total requests/s over all users (exponential waits)
+    shape: str = ""  # azure: users follow the Azure trace's arrival rate over time
+    azure_trace: str = ""  # that trace's CSV
+    time_scale: float = 60.0  # how much the trace's time is compressed
+    peak_users: int = 32  # users at the trace's busiest minute
+
+
+SETTINGS = load_settings(LoadSettings)
 
 BUILTIN = ["What is the capital of France?", "Write a short poem about the sea.", "Explain TCP in one paragraph.",
            "Give three tips for better sleep.", "Translate 'good morning' into Spanish.", "What is 17 * 23?"]
 
 
 def load_prompts():
-    path = os.environ.get("SSJF_PROMPTS")
+    path = SETTINGS.prompts
     if not path:
         return [(p, None) for p in BUILTIN]
-    from ssjf.data import load_rows, response_lengths
+    from ssjf_tools.data import load_rows, response_lengths
 
     rows = list(load_rows(path))
-    if os.environ.get("SSJF_TRACE") == "1":
+    if SETTINGS.trace:
         return list(zip([r.prompt for r in rows], response_lengths(rows)))
     return [(r.prompt, None) for r in rows]
 
@@ -53,7 +62,7 @@ PROMPTS = load_prompts()
 
 
 def _wait_time():
-    rate = float(os.environ.get("SSJF_RATE", "0"))
+    rate = SETTINGS.rate
     if rate <= 0:
         return between(0.5, 1.5)
 
@@ -67,8 +76,8 @@ class SSJFUser(User):
     wait_time = _wait_time()
 
     def on_start(self):
-        self.client = SSJFClient(self.host or "127.0.0.1:8001", os.environ.get("SSJF_MODEL", "ssjf"))
-        self.max_tokens = int(os.environ.get("SSJF_MAX_TOKENS", "64"))
+        self.client = SSJFClient(self.host or "127.0.0.1:8001", SETTINGS.model)
+        self.max_tokens = SETTINGS.max_tokens
 
     def on_stop(self):
         self.client.close()
@@ -106,7 +115,7 @@ def _report_ledger(environment, **kw):
 
 def azure_user_curve(path: str, time_scale: float, peak_users: int, window_s: float = 60.0) -> list[tuple[float, int]]:
     """(end of step in seconds, users) following the trace's arrivals per window, time-compressed."""
-    from ssjf.data import load_arrival_times
+    from ssjf_tools.data import load_arrival_times
 
     stamps = load_arrival_times(path)
     start = stamps[0]
@@ -118,13 +127,12 @@ def azure_user_curve(path: str, time_scale: float, peak_users: int, window_s: fl
     return [((i + 1) * window_s / time_scale, max(1, round(peak_users * counts.get(i, 0) / peak))) for i in range(steps)]
 
 
-if os.environ.get("SSJF_SHAPE") == "azure":
+if SETTINGS.shape == "azure":
 
     class AzureTraceShape(LoadTestShape):
         """Users follow the Azure trace's per-minute arrival rate, time-compressed."""
 
-        curve = azure_user_curve(os.environ["SSJF_AZURE_TRACE"], float(os.environ.get("SSJF_TIME_SCALE", "60")),
-                                 int(os.environ.get("SSJF_PEAK_USERS", "32")))
+        curve = azure_user_curve(SETTINGS.azure_trace, SETTINGS.time_scale, SETTINGS.peak_users)
 
         def tick(self):
             t = self.get_run_time()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ssjf_client.bench import Job, arrival_times, markdown, summarize
+from ssjf_tools.bench import Job, arrival_times, markdown, summarize
 
 
 def test_poisson_and_gamma_arrivals_have_the_asked_rate_and_variability():
@@ -34,7 +34,7 @@ def test_azure_trace_is_time_scaled_to_the_rate(tmp_path):
 
 def test_each_round_gets_new_arrivals_trace_windows_included(tmp_path):
     import argparse
-    from ssjf_client.bench import round_arrivals
+    from ssjf_tools.bench import round_arrivals
 
     trace = tmp_path / "trace.csv"
     stamps = np.cumsum(np.random.default_rng(0).exponential(1.0, 40))
@@ -74,7 +74,7 @@ def test_markdown_table_compares_to_fcfs():
 
 def test_sjf_limit_is_shortest_first_against_every_arrival_order_with_all_jobs_queued():
     import itertools
-    from ssjf_client.bench import sjf_limit
+    from ssjf_tools.bench import sjf_limit
 
     def mean_completion(order):
         return float(np.mean(np.cumsum(order)))
@@ -91,7 +91,7 @@ def test_sjf_limit_is_shortest_first_against_every_arrival_order_with_all_jobs_q
 
 
 def test_aiperf_input_is_the_same_replay(tmp_path):
-    from ssjf_client.bench import write_aiperf_input
+    from ssjf_tools.bench import write_aiperf_input
 
     path = tmp_path / "in.jsonl"
     write_aiperf_input(str(path), [("hi", 7, 7), ("a longer one", None, 30)], [0.0, 1.2345])
@@ -118,7 +118,7 @@ def test_aiperf_payload_template_renders_a_request_the_server_accepts():
 
 
 def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
-    from ssjf_client.bench import combine_rounds
+    from ssjf_tools.bench import combine_rounds
 
     def m(mean, p99, completed=10, failed=0, duration=100.0):
         return {"mean_jct_s": mean, "p99_jct_s": p99, "completed": completed, "failed": failed,
@@ -143,7 +143,7 @@ def test_rounds_combine_into_means_and_per_round_ratios_to_fcfs():
 
 
 def test_slo_capacity_is_the_highest_rate_before_the_first_miss():
-    from ssjf_client.bench import slo_capacity
+    from ssjf_tools.bench import slo_capacity
 
     def run(rate, **p90):
         return {"batching": "continuous", "rate": rate,

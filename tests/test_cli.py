@@ -20,7 +20,7 @@ def test_soak_measures_the_memory_of_a_process_tree():
     import subprocess
     import sys
 
-    from ssjf_client.soak import tree_rss_mb
+    from ssjf_tools.soak import tree_rss_mb
 
     alone = tree_rss_mb(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(30)"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ssjf.data import load_rows, parse_data_spec
+from ssjf_tools.data import load_rows, parse_data_spec
 
 
 def write(path, records, array=False):
@@ -59,7 +59,7 @@ def test_data_spec_with_model_filter():
 
 
 def test_response_lengths_prefer_the_recorded_length(tokenizer):
-    from ssjf.data import Row, count_tokens, response_lengths
+    from ssjf_tools.data import Row, count_tokens, response_lengths
 
     rows = [Row("p", response="Hello there, world!"), Row("q", length=7), Row("r", response="")]
     assert response_lengths(rows) == [len(tokenizer.encode("Hello there, world!", add_special_tokens=False)), 7, 1]
@@ -67,7 +67,7 @@ def test_response_lengths_prefer_the_recorded_length(tokenizer):
 
 
 def test_arrival_times_from_an_azure_trace(tmp_path):
-    from ssjf.data import load_arrival_times
+    from ssjf_tools.data import load_arrival_times
 
     trace = tmp_path / "trace.csv"
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"

@@ -247,9 +247,7 @@ def test_stop_fails_what_is_still_queued(backend):
 def test_a_full_waiting_queue_rejects_new_requests(backend):
     engine = backend.engine(max_waiting=3)
     for i in range(3):
-        r = Request(str(i), [1, 2], max_tokens=4, sink=ListSink())
-        engine.check(r)
-        engine.add_request(r)
+        engine.add_request(Request(str(i), [1, 2], max_tokens=4, sink=ListSink()))
     with pytest.raises(RequestError, match="^queue full"):
         engine.check(Request("x", [1, 2], max_tokens=4, sink=ListSink()))
     engine.run_until_idle()
@@ -320,17 +318,14 @@ def test_requests_past_their_deadline_end_with_an_error(backend):
                       arrival_time=0.0)
     later = Request("later", engine.encode_prompt("c"), max_tokens=4, sink=ListSink(), ignore_eos=True,
                     arrival_time=0.0)
-    engine.check(running, timeout_s=5.0)  # the client asked for 5 s
-    engine.check(waiting)
-    for r in (running, waiting):
-        engine.add_request(r)
+    engine.add_request(running, timeout_s=5.0)  # the client asked for 5 s
+    engine.add_request(waiting)
     assert running.deadline == 5.0 and waiting.deadline == 100.0  # the shorter of the client's and ours
     engine.step()
     now[0] = 6.0
     engine.step()  # the running request is past its 5 s
     assert running.status is RequestStatus.FAILED and running.sink.errors[0].startswith("deadline exceeded")
     assert 0 < len(running.output_ids) < 200
-    engine.check(later)
     engine.add_request(later)
     later.deadline = 1000.0  # as if it had asked for more time than the engine's bound
     now[0] = 101.0  # `waiting` is past the engine's 100 s bound

@@ -7,10 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from ssjf.data import Row, conversation, load_rows
-from ssjf.eval_proxy import held_out, in_test_split, proxy_metrics, split_key, split_meta
+from ssjf_tools.data import Row, conversation, load_rows
+from ssjf_tools.eval_proxy import proxy_metrics
+from ssjf_tools.split import held_out, in_test_split, split_key, split_meta
 from ssjf.proxy import LengthPredictor
-from ssjf.train_proxy import main as train
+from ssjf_tools.train_proxy import main as train
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_held_out_follows_the_split_an_artifact_records():
 
 
 def test_profile_records_the_served_models_lengths_and_resumes(tmp_path):
-    from ssjf.profile import main as profile
+    from ssjf_tools.profile import main as profile
 
     src = tmp_path / "sharegpt.json"
     def turns(*texts):

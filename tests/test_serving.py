@@ -1,10 +1,33 @@
-"""Input parsing and validation for the llm model (no Triton needed)."""
+"""Input conversion (serving.py) and the one admission path (Engine.submit), no Triton needed."""
 
 import numpy as np
 import pytest
 
-from ssjf.engine import RequestError
+from conftest import ListSink
+from ssjf.config import EngineConfig
+from ssjf.engine import Engine, RequestError
+from ssjf.metrics import Metrics
+from ssjf.model_runner import ModelRunner
 from ssjf.serving import parse_llm_inputs
+
+
+class Counting(Metrics):
+    def __init__(self):
+        self.fallbacks = 0
+
+    def proxy_fallback(self):
+        self.fallbacks += 1
+
+
+@pytest.fixture
+def engine(tiny_model, tokenizer):
+    config = EngineConfig(runner="torch", dtype="float32", max_seq_len=256, max_batch_size=2, max_prompt_bytes=1000)
+    return Engine(config, runner=ModelRunner(config, model=tiny_model, tokenizer=tokenizer), metrics=Counting())
+
+
+def admit(engine, arrays):
+    """What llm/model.py does with a request's tensors."""
+    return engine.submit(parse_llm_inputs(arrays), ListSink(), request_id="r")
 
 
 def text(s):
@@ -29,14 +52,33 @@ def test_defaults_and_values():
     ({"text_input": text("hi"), "temperature": np.array([[np.nan]], np.float32)}, "temperature"),
     ({"text_input": text("hi"), "temperature": np.array([[-1.0]], np.float32)}, "temperature"),
 ])
-def test_bad_inputs_name_the_field(arrays, field):
+def test_bad_inputs_name_the_field(engine, arrays, field):
     with pytest.raises(RequestError, match=f"^{field}:"):
-        parse_llm_inputs(arrays)
+        admit(engine, arrays)
+    assert not engine._inbox  # nothing was queued
 
 
-def test_non_positive_prediction_means_unknown():
-    p = parse_llm_inputs({"text_input": text("hi"), "predicted_length": np.array([[0]], np.int32)})
-    assert p.predicted_length is None
+def test_non_positive_prediction_means_unknown_and_is_counted(engine):
+    req = admit(engine, {"text_input": text("hi"), "predicted_length": np.array([[0]], np.int32)})
+    assert req.predicted_length is None and engine.metrics.fallbacks == 1
+    req = admit(engine, {"text_input": text("hi"), "predicted_length": np.array([[7]], np.int32)})
+    assert req.predicted_length == 7 and engine.metrics.fallbacks == 1
+
+
+def test_submit_applies_defaults_tokenizes_and_queues_once(engine):
+    req = admit(engine, {"text_input": text("hello there")})
+    assert req.prompt_ids == engine.encode_prompt("hello there")
+    assert req.max_tokens == min(engine.config.default_max_tokens, 256 - req.prompt_len)
+    assert req.deadline == req.arrival_time + engine.config.request_timeout_s
+    assert list(engine._inbox) == [req]
+    engine.run_until_idle()
+    assert req.sink.finals == 1
+
+
+def test_a_stopped_engine_refuses_new_requests(engine):
+    engine.stop()
+    with pytest.raises(RequestError, match="^server shutting down"):
+        admit(engine, {"text_input": text("hi")})
 
 
 def test_request_parameters_are_refused_by_name():
@@ -48,8 +90,12 @@ def test_request_parameters_are_refused_by_name():
         check_parameters('{"top_k": 5, "max_token": 3}')
 
 
-def test_an_oversized_prompt_is_refused_before_decoding():
+def test_an_oversized_prompt_is_refused_before_tokenization(engine, monkeypatch):
     big = np.array([[b"x" * 1001]], dtype=np.object_)
+    monkeypatch.setattr(engine, "encode_prompt", lambda text: pytest.fail("tokenized"))
     with pytest.raises(RequestError, match="^text_input: 1001 bytes is over the limit of 1000"):
-        parse_llm_inputs({"text_input": big}, max_prompt_bytes=1000)
-    assert parse_llm_inputs({"text_input": big}).text == "x" * 1001  # 0: no limit
+        admit(engine, {"text_input": big})
+    engine.config.max_prompt_bytes = 0  # no limit
+    monkeypatch.undo()
+    with pytest.raises(RequestError, match="^text_input: the prompt has .* tokens; the context holds 256"):
+        admit(engine, {"text_input": big})  # past the byte limit, the context decides

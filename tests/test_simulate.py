@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssjf.config import EngineConfig
-from ssjf_client.simulate import StepCost, calibrate, main, simulate
+from ssjf_tools.simulate import StepCost, calibrate, main, simulate
 
 # one second per decode step and half a second per prefill, whatever the batch: times are countable
 UNIT = StepCost(decode_s=1.0, decode_seq_s=0.0, prefill_s=0.5, prefill_token_s=0.0)

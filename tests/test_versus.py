@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ssjf_client.bench import Job, combine_rounds
-from ssjf_client.versus import markdown, openai_replay, parse_contender
+from ssjf_tools.bench import Job, combine_rounds
+from ssjf_tools.versus import markdown, openai_replay, parse_contender
 
 
 class Handler(BaseHTTPRequestHandler):

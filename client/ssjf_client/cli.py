@@ -29,3 +29,6 @@ def main(argv=None) -> int:
     print(f"[predicted_length={result.predicted_length} ttft={result.ttft_s * 1000:.0f}ms "
           f"jct={result.jct_s * 1000:.0f}ms chunks={result.chunks}]", file=sys.stderr)
     return 0
+
+
+COMMANDS = {"generate": ("ssjf_client.cli:main", "send one prompt over gRPC and stream the answer")}

@@ -14,14 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
+from .config import cache_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2"
 DEFAULT_ENCODER = "minilm"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SSJF_CACHE_DIR") or Path.home() / ".cache" / "ssjf")
 
 
 def _package_dir(name: str) -> Path:

@@ -9,29 +9,35 @@ import sys
 COMMANDS = {
     "serve": ("ssjf.cli:serve", "run tritonserver in the foreground (ports from HTTP_PORT/GRPC_PORT/METRICS_PORT)"),
     "prepare": ("ssjf.cli:prepare_main", "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backends)"),
-    "generate": ("ssjf_client.cli:main", "send one prompt over gRPC and stream the answer"),
-    "bench": ("ssjf_client.bench:main", "SSJF vs FCFS vs oracle SJF on the same arrivals, a fresh server per policy"),
-    "versus": ("ssjf_client.versus:main", "this project against `vllm serve` (FCFS and priority), same arrivals, fresh servers"),
-    "simulate": ("ssjf_client.simulate:main", "the bench's replay through the engine's scheduler, on a virtual clock"),
-    "bench-engine": ("ssjf.bench_engine:main", "engine tokens/s against transformers' generate and generate_batch"),
-    "bench-overhead": ("ssjf_client.overhead:main", "Triton round trip minus the engine's own time, concurrency 1"),
-    "soak": ("ssjf_client.soak:main", "Locust for minutes at a multiple of measured capacity; memory and hangs"),
-    "profile": ("ssjf.profile:main", "record the served LLM's own output lengths over a prompt set (resumable)"),
-    "train-proxy": ("ssjf.train_proxy:main", "train a length-predictor artifact from prompt/response rows"),
-    "eval-proxy": ("ssjf.eval_proxy:main", "Kendall tau, Spearman, MAE, bucket accuracy and latency of an artifact"),
 }
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """The serving commands, then every table an installed package registers under the
+    `ssjf.commands` entry point (the client's `generate`, the lab's bench, train, eval...).
+    The product never imports those packages; it only reads their names here."""
+    from importlib.metadata import entry_points
+
+    table = dict(COMMANDS)
+    for point in sorted(entry_points(group="ssjf.commands"), key=lambda p: p.name):
+        try:
+            table.update(point.load())
+        except ImportError as exc:  # a package registered but not importable: say so, keep the rest
+            logging.getLogger(__name__).warning("commands of %s unavailable: %s", point.name, exc)
+    return table
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
+    table = commands()
+    if not argv or argv[0] not in table:
+        width = max(map(len, table))
         print("usage: ssjf COMMAND [args]  (ssjf COMMAND --help for its options)\n\ncommands:")
-        for name, (_, text) in COMMANDS.items():
+        for name, (_, text) in table.items():
             print(f"  {name:{width}}  {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    module, _, function = table[argv[0]][0].partition(":")
     result = getattr(importlib.import_module(module), function)(argv[1:])
     return result if isinstance(result, int) else 0
 

@@ -1,41 +1,95 @@
-"""Engine configuration: typed, validated once, passed down."""
+"""Every setting, its default and the environment variable that overrides it, in one module.
+
+No other module reads the environment. The names, one namespace per thing configured:
+  SSJF_<FIELD>        EngineConfig, the llm model (SSJF_POLICY, SSJF_MAX_BATCH_SIZE, SSJF_MODEL = the LLM)
+  SSJF_PROXY_<FIELD>  ProxyConfig, the length_predictor model (SSJF_PROXY_ARTIFACT, ...)
+  HTTP_PORT, GRPC_PORT, METRICS_PORT, SSJF_HOST, SSJF_MODEL_REPOSITORY, SSJF_ADMIN_KEY: ServerConfig
+  SSJF_CACHE_DIR      where prepared models, Triton's backend folder and trained artifacts go
+  SSJF_LOAD_<FIELD>   the Locust load test's settings (loadtest/locustfile.py; SSJF_LOAD_MODEL = a Triton model)
+Triton parameters in a model's config.pbtxt sit under the environment: `from_strings` takes
+the parameters, then the environment wins.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import secrets
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 POLICIES = ("fcfs", "ssjf", "sjf_oracle")
 BATCHING = ("none", "dynamic", "continuous")
 RUNNERS = ("auto", "torch", "vllm")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def setting(default, help: str):
+    """A dataclass field with its help text (command-line flags and docs read it)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _convert(kind: str, raw: str):
+    if kind == "bool":
+        return str(raw).lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return str(raw)
+
+
+def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None, prefix: str):
+    """A settings dataclass from string parameters, each overridden by `<prefix><FIELD>` in environ."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(cls):
+        raw = environ.get(f"{prefix}{f.name.upper()}") or params.get(f.name)
+        if raw is not None and raw != "":
+            values[f.name] = _convert(str(f.type), raw)
+    return cls(**values)
+
+
+def help_of(cls, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def default_of(cls, name: str):
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def cache_dir(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("SSJF_CACHE_DIR") or Path.home() / ".cache" / "ssjf")
 
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2"  # "smollm2" (the packaged default) or an HF folder / hub name
-    runner: str = "auto"  # batched generation: "torch" (ours), "vllm" (vLLM's engine), "auto" (vllm where installed)
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"  # "auto" (bf16 where the hardware has it), "bfloat16", "float16", "float32"
-    policy: str = "ssjf"
-    batching: str = "continuous"
-    max_batch_size: int = 16  # running requests (KV-cache slots)
-    max_seq_len: int = 2048  # prompt + output tokens per request
-    max_prefill_tokens: int = 4096  # prompt tokens admitted in one step
-    default_max_tokens: int = 512
-    starvation_s: float = 60.0  # aging: a request waiting this long is served next; 0 disables
-    max_waiting: int = 512  # waiting requests; beyond this new ones are rejected ("queue full")
-    # aging: ... or once later arrivals served ahead of it have held it up, in decode steps, for this
-    # many times its own predicted length (its extra wait stays proportional to its size); 0 disables
-    max_bypass_ratio: float = 2.0
-    max_passes: int = 16  # aging: ... or once this many later arrivals went ahead of it, whatever their size; 0 disables
-    cap_by_max_tokens: bool = True  # SSJF key = min(predicted length, max_tokens): no job outlives its max_tokens
-    request_timeout_s: float = 600.0  # deadline from arrival unless the client sets a shorter one; 0 disables
-    max_prompt_bytes: int = 262144  # larger text_input is rejected before tokenization
-    max_engine_restarts: int = 3  # engine-thread crashes survived (in-flight requests fail) before giving up
-    chat_template: bool = True  # wrap prompts in the model's chat template
-    num_threads: int = 0  # CPU threads for generation; 0: torch runner keeps torch's default, vllm runner takes all cores but one
-    enforce_eager: bool = False  # vllm runner: no torch.compile / graph capture (faster start, slower steps)
-    kv_cache_gib: float = 4.0  # vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)
+    model: str = setting("smollm2", "the LLM: smollm2 (the packaged SmolLM2-135M-Instruct) or an HF folder / hub name")
+    runner: str = setting("auto", "batched generation: torch (ours), vllm (vLLM's engine), auto (vllm where installed)")
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...")
+    dtype: str = setting("auto", "auto (bf16 where the hardware runs it natively, else fp32), bfloat16, float16, float32")
+    policy: str = setting("ssjf", "queue order: fcfs, ssjf (shortest predicted first), sjf_oracle (true length)")
+    batching: str = setting("continuous", "none, dynamic (request-level batches), continuous (join and leave per step)")
+    max_batch_size: int = setting(16, "running requests (KV-cache slots)")
+    max_seq_len: int = setting(2048, "prompt + output tokens per request")
+    max_prefill_tokens: int = setting(4096, "padded prompt tokens admitted in one step")
+    default_max_tokens: int = setting(512, "max_tokens when the client sends none (clamped to the context)")
+    starvation_s: float = setting(60.0, "aging: a request waiting this long is served next; 0 disables")
+    max_waiting: int = setting(512, "waiting requests; beyond this new ones get a 'queue full' error")
+    max_bypass_ratio: float = setting(
+        2.0, "aging: ... or once later arrivals served ahead of it held it up, in decode steps, for this many "
+             "times its own predicted length; 0 disables")
+    max_passes: int = setting(16, "aging: ... or once this many later arrivals went ahead of it; 0 disables")
+    cap_by_max_tokens: bool = setting(True, "SSJF key = min(predicted length, max_tokens); off: the prediction alone")
+    request_timeout_s: float = setting(600.0, "deadline from arrival unless the client sets a shorter one; 0 disables")
+    max_prompt_bytes: int = setting(262144, "larger text_input is refused before tokenization")
+    max_engine_restarts: int = setting(3, "engine-loop crashes survived (in-flight requests fail) before giving up")
+    exit_on_engine_death: bool = setting(True, "stop tritonserver when the engine gives up, so it is replaced")
+    chat_template: bool = setting(True, "wrap prompts in the model's chat template")
+    num_threads: int = setting(0, "CPU threads for generation; 0: torch's default (torch runner), all cores but one (vllm)")
+    enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
+    kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -48,7 +102,7 @@ class EngineConfig:
             import importlib.util
 
             self.runner = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
@@ -57,7 +111,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("starvation_s", "max_bypass_ratio", "kv_cache_gib", "request_timeout_s", "max_engine_restarts", "max_prompt_bytes"):
+        for name in ("starvation_s", "max_bypass_ratio", "kv_cache_gib", "request_timeout_s", "max_engine_restarts",
+                     "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.batching == "none":
@@ -65,22 +120,62 @@ class EngineConfig:
 
     @classmethod
     def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None = None) -> "EngineConfig":
-        """Build from Triton's string parameters; SSJF_POLICY / SSJF_BATCHING / SSJF_DEVICE override."""
+        """From the llm's config.pbtxt parameters; SSJF_<FIELD> in the environment overrides each."""
+        return from_strings(cls, params, environ, "SSJF_")
+
+
+@dataclass
+class ProxyConfig:
+    artifact: str = setting("smollm2", "smollm2: SmolLM2's own lengths; recorded: the datasets' (trace replay); or a .npz")
+    device: str = setting("cpu", "cpu or cuda")
+    dtype: str = setting("auto", "the encoder's dtype: auto (bf16 where the hardware runs it natively, else fp32), ...")
+    num_threads: str = setting("auto", "auto: on CPU, the cores the LLM engine leaves free; a number: that many threads")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.num_threads != "auto" and not str(self.num_threads).isdigit():
+            raise ValueError(f"num_threads: auto or a number, got {self.num_threads!r}")
+
+    @classmethod
+    def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None = None) -> "ProxyConfig":
+        """From the length_predictor's parameters; SSJF_PROXY_<FIELD> overrides each."""
+        return from_strings(cls, params, environ, "SSJF_PROXY_")
+
+
+@dataclass
+class ServerConfig:
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    model_repository: Path = field(default_factory=lambda: Path("model_repository").resolve())
+    log_verbose: int = 0
+    # Admin APIs answer only requests carrying the header `ssjf-admin-key: <key>`; with no key
+    # configured a random one is drawn, which locks them for everyone.
+    admin_key: str = field(default_factory=lambda: os.environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16))
+    extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, **kw) -> "ServerConfig":
+        from .server import free_ports
+
+        http, grpc, metrics = free_ports(3)
+        return cls(http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "ServerConfig":
         environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = params.get(f.name)
-            env = environ.get(f"SSJF_{f.name.upper()}")
-            if env:
-                raw = env
-            if raw is None or raw == "":
-                continue
-            if f.type == "bool":
-                values[f.name] = str(raw).lower() in ("1", "true", "yes", "on")
-            elif f.type == "int":
-                values[f.name] = int(raw)
-            elif f.type == "float":
-                values[f.name] = float(raw)
-            else:
-                values[f.name] = str(raw)
-        return cls(**values)
+        repo = environ.get("SSJF_MODEL_REPOSITORY")
+        return cls(
+            http_port=int(environ.get("HTTP_PORT", 8000)),
+            grpc_port=int(environ.get("GRPC_PORT", 8001)),
+            metrics_port=int(environ.get("METRICS_PORT", 8002)),
+            host=environ.get("SSJF_HOST", "127.0.0.1"),
+            **({"model_repository": Path(repo)} if repo else {}),
+        )
+
+
+def load_settings(cls, environ: dict[str, str] | None = None):
+    """The load test's settings (a dataclass of the locustfile's) from SSJF_LOAD_<FIELD>."""
+    return from_strings(cls, {}, environ, "SSJF_LOAD_")

@@ -1,4 +1,7 @@
-"""Who runs where on a CPU host.
+"""What this machine runs natively, and who runs where on a CPU host.
+
+Dtypes: bf16 only where the hardware computes it (AVX512-BF16 or AMX on x86, a CUDA device with
+bf16), else fp32; elsewhere bf16 is emulated and several times slower than fp32.
 
 The engine's batched generation gets the compute cores; everything else (Triton's server and
 stubs, the proxy, the response thread) gets the rest. By default that is vLLM's own rule for
@@ -8,7 +11,61 @@ its server: all cores this process may use but one go to the engine, the last on
 
 from __future__ import annotations
 
+import functools
 import os
+
+ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def native_bf16() -> bool:
+    """The CPU computes bf16 in hardware (avx512_bf16, amx_bf16; aarch64's bf16 / sve's)."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
+    import torch  # no /proc/cpuinfo: ask oneDNN
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str, device="cpu"):
+    """A dtype name to a torch dtype; "auto": bf16 where the hardware runs it natively, else fp32
+    on CPU and fp16 on GPUs without bf16. An explicit name always wins."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def machine() -> dict:
+    """What a benchmark report records: CPU model, the ISA flags that decide dtypes, cores, threads, GPU."""
+    import torch
+
+    info = {"threads": torch.get_num_threads(), "cores": len(allowed())}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info["isa"] = [f for f in ISA if f in cpu_flags()]
+    info["auto_dtype_cpu"] = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def allowed() -> list[int]:

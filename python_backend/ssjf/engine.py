@@ -1,7 +1,9 @@
 """The engine: one thread that owns the scheduler and the model runner.
 
 Life of a request:
-  1. add_request() validates it and hands it to the engine thread (thread-safe inbox).
+  1. submit() (the one admission path, on the caller's thread) validates what the client sent,
+     applies the defaults, tokenizes, bounds the queue and hands it to the engine thread (a
+     thread-safe inbox); add_request() does the same for a request already tokenized.
   2. step(): cancelled requests leave; the scheduler admits waiting requests in policy
      order into the free batch places; the runner admits them (runner.py), then every
      running request gets its next token from the runner's step.
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
-from .request import Request, RequestStatus
+from .request import LLMInputs, Request, RequestStatus
 from .runner import Runner, StepOutput, make_runner
 from .scheduler import Scheduler
 
@@ -52,6 +55,7 @@ class Engine:
         self._inbox: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._queued = 0  # waiting in the scheduler, published by the engine thread after each step
         self._next_waiting_scan = 0.0
         self._next_cancel_scan = 0.0
         self._thread: threading.Thread | None = None
@@ -68,10 +72,37 @@ class Engine:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer.encode(text)
 
+    def submit(self, inputs: LLMInputs, sink, *, request_id: str = "", arrival_time: float | None = None,
+               timeout_s: float | None = None) -> Request:
+        """The one admission path: validate what the client sent (each error names its field),
+        apply the defaults, tokenize and queue, once. Runs on the caller's thread (Triton's), so
+        tokenization never delays a decode step. Raises RequestError; nothing is queued then."""
+        if self.failure is not None:
+            raise RequestError(f"engine is not running: {self.failure}")
+        if self._stopping:
+            raise RequestError("server shutting down")
+        limit = self.config.max_prompt_bytes
+        if limit and inputs.text_bytes > limit:
+            raise RequestError(f"text_input: {inputs.text_bytes} bytes is over the limit of {limit} (max_prompt_bytes)")
+        if not inputs.text.strip():
+            raise RequestError("text_input: the prompt is empty")
+        if not math.isfinite(inputs.temperature) or inputs.temperature < 0:
+            raise RequestError(f"temperature: must be a finite number >= 0, got {inputs.temperature}")
+        predicted = inputs.predicted_length
+        if predicted is not None and predicted < 1:  # the proxy's "no prediction" (it failed on this prompt)
+            self.metrics.proxy_fallback()
+            predicted = None
+        req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text), max_tokens=inputs.max_tokens,
+                      sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
+                      predicted_length=predicted,
+                      **({} if arrival_time is None else {"arrival_time": arrival_time}))
+        self.add_request(req, timeout_s)
+        return req
+
     def check(self, req: Request, timeout_s: float | None = None) -> None:
         """Validate against the queue bound and the context; max_tokens None gets the default; the
         deadline is the client's timeout or request_timeout_s, whichever is shorter. Raises RequestError."""
-        waiting = len(self._inbox) + len(self.scheduler.waiting)
+        waiting = len(self._inbox) + self._queued  # counts only: the scheduler is the engine thread's
         if waiting >= self.config.max_waiting:
             raise RequestError(f"queue full: {waiting} requests are waiting (max_waiting={self.config.max_waiting})")
         room = self.max_seq_len - req.prompt_len
@@ -93,8 +124,9 @@ class Engine:
                 f"and the context holds {self.max_seq_len}"
             )
 
-    def add_request(self, req: Request) -> None:
-        """Queue a validated request for the engine thread."""
+    def add_request(self, req: Request, timeout_s: float | None = None) -> None:
+        """Validate a tokenized request (check) and queue it for the engine thread."""
+        self.check(req, timeout_s)
         with self._wake:
             self._inbox.append(req)
             self._wake.notify()
@@ -165,7 +197,8 @@ class Engine:
         for req in [r for r in self.scheduler.running if r.is_done]:
             self._retire(req)
         self.generated_tokens += new_tokens
-        self.metrics.step(len(self.scheduler.waiting), len(self.scheduler.running), new_tokens)
+        self._queued = len(self.scheduler.waiting)
+        self.metrics.step(self._queued, len(self.scheduler.running), new_tokens)
 
     def _fail_generation(self, req: Request, exc: Exception) -> None:
         log.error("request %s: generation failed: %s", req.request_id, exc)

@@ -17,24 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import EngineConfig
+from .cpus import resolve_dtype
 from .request import Request
 from .runner import StepOutput
 
 log = logging.getLogger(__name__)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware runs it fast, else fp32 (CPU) / fp16 (old GPUs)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-    except (AttributeError, RuntimeError):
-        pass
-    return torch.float32
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype):

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .assets import cache_dir, resolve_encoder
+from .assets import resolve_encoder
+from .config import cache_dir
+from .cpus import resolve_dtype
 
-ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+PACKAGED_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # shipped with the package, read-only
 DEFAULT_ARTIFACT = "smollm2"
 ADAPTER = "adapter."
 
@@ -55,11 +57,17 @@ def resolve_artifact(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".npz" and path.exists():
         return path
-    candidate = ARTIFACT_DIR / f"{name}.npz"
-    if candidate.exists():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in ARTIFACT_DIR.glob("*.npz")))
+    for folder in (user_artifacts(), PACKAGED_ARTIFACTS):  # a user's artifact shadows a packaged one
+        candidate = folder / f"{name}.npz"
+        if candidate.exists():
+            return candidate
+    known = ", ".join(sorted({p.stem for d in (user_artifacts(), PACKAGED_ARTIFACTS) for p in d.glob("*.npz")}))
     raise FileNotFoundError(f"no proxy artifact {name!r} (known: {known}; or pass a .npz path)")
+
+
+def user_artifacts() -> Path:
+    """Where `ssjf train-proxy --name NAME` saves NAME.npz: the cache directory, never the package."""
+    return cache_dir() / "artifacts"
 
 
 class FastBert:
@@ -324,7 +332,10 @@ class LengthPredictor:
 
     MAX_CHARS = 262144
 
-    def __init__(self, artifact: str = DEFAULT_ARTIFACT, device: str = "cpu", encoder: Encoder | None = None):
+    def __init__(self, artifact: str = DEFAULT_ARTIFACT, device: str = "cpu", encoder: Encoder | None = None,
+                 dtype: str = "auto"):
+        """dtype: the encoder's; "auto" picks by the hardware (ssjf.cpus.resolve_dtype), whatever the
+        artifact was trained in (the head reads fp32 embeddings either way)."""
         self.path = resolve_artifact(artifact)
         with np.load(self.path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -333,8 +344,8 @@ class LengthPredictor:
         self.head = Head(arrays)
         enc = self.meta["encoder"]
         if encoder is None:
-            encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], enc["dtype"],
-                              enc.get("pooling", "mean"))
+            run_dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+            encoder = Encoder(enc["name"], device, enc["max_length"], enc["layers"], run_dtype, enc.get("pooling", "mean"))
             if adapters:
                 encoder.load_adapters(adapters, self.path.name + ":" + hashlib.sha1(self.path.read_bytes()).hexdigest()[:12])
         self.encoder = encoder

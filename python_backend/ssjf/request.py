@@ -30,6 +30,23 @@ class Sink(Protocol):
 
 
 @dataclass
+class LLMInputs:
+    """What a client sent, converted from its tensors but not yet validated (Engine.submit does that)."""
+
+    text: str
+    max_tokens: int | None = None  # None: the engine's default
+    ignore_eos: bool = False
+    stream: bool = False
+    temperature: float = 0.0
+    predicted_length: int | None = None  # the proxy's; < 1 means it had none
+    text_bytes: int = 0  # the prompt's size as sent, for max_prompt_bytes
+
+    def __post_init__(self):
+        if not self.text_bytes:
+            self.text_bytes = len(self.text.encode("utf-8", errors="replace"))
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_ids: list[int]

@@ -6,7 +6,6 @@ over this project's model repository, bound to loopback, ports from the environm
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -15,14 +14,12 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .assets import _package_dir, cache_dir
+from .assets import _package_dir
+from .config import ServerConfig, cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RESTRICTED = "model-repository,shared-memory,trace,logging"  # the admin APIs
-MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
 def pytriton_dir() -> Path:
@@ -54,51 +51,25 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-@dataclass
-class ServerConfig:
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    host: str = "127.0.0.1"
-    model_repository: Path = MODEL_REPOSITORY
-    log_verbose: int = 0
-    # Admin APIs answer only requests carrying the header `ssjf-admin-key: <key>`; with no key
-    # configured a random one is drawn, which locks them for everyone.
-    admin_key: str = field(default_factory=lambda: os.environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16))
-    extra_args: list[str] = field(default_factory=list)
-
-    @classmethod
-    def on_free_ports(cls, **kw) -> "ServerConfig":
-        http, grpc, metrics = free_ports(3)
-        return cls(http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "ServerConfig":
-        environ = os.environ if environ is None else environ
-        return cls(
-            http_port=int(environ.get("HTTP_PORT", 8000)),
-            grpc_port=int(environ.get("GRPC_PORT", 8001)),
-            metrics_port=int(environ.get("METRICS_PORT", 8002)),
-            host=environ.get("SSJF_HOST", "127.0.0.1"),
-            model_repository=Path(environ.get("SSJF_MODEL_REPOSITORY", MODEL_REPOSITORY)),
-        )
-
-    def command(self) -> list[str]:
-        return [
-            str(pytriton_dir() / "bin" / "tritonserver"),
-            f"--model-repository={self.model_repository}",
-            f"--backend-directory={backend_dir()}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--model-control-mode=none",
-            f"--http-restricted-api={RESTRICTED}:ssjf-admin-key={self.admin_key}",
-            f"--grpc-restricted-protocol={RESTRICTED}:ssjf-admin-key={self.admin_key}",
-            "--exit-timeout-secs=5",
-            "--strict-readiness=true",
-            f"--log-verbose={self.log_verbose}",
-            *self.extra_args,
-        ]
+def command(config: ServerConfig) -> list[str]:
+    repo = Path(config.model_repository)
+    if not (repo / "llm" / "config.pbtxt").exists():
+        raise FileNotFoundError(f"no model repository at {repo} (run from the checkout, or set SSJF_MODEL_REPOSITORY)")
+    return [
+        str(pytriton_dir() / "bin" / "tritonserver"),
+        f"--model-repository={config.model_repository}",
+        f"--backend-directory={backend_dir()}",
+        f"--http-address={config.host}", f"--http-port={config.http_port}",
+        f"--grpc-address={config.host}", f"--grpc-port={config.grpc_port}",
+        f"--metrics-address={config.host}", f"--metrics-port={config.metrics_port}",
+        "--model-control-mode=none",
+        f"--http-restricted-api={RESTRICTED}:ssjf-admin-key={config.admin_key}",
+        f"--grpc-restricted-protocol={RESTRICTED}:ssjf-admin-key={config.admin_key}",
+        "--exit-timeout-secs=5",
+        "--strict-readiness=true",
+        f"--log-verbose={config.log_verbose}",
+        *config.extra_args,
+    ]
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -141,7 +112,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.config.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(command(self.config), env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -172,6 +143,6 @@ class TritonServer:
 
 def serve(config: ServerConfig) -> None:
     """Run tritonserver in the foreground (replaces this process)."""
-    cmd = config.command()
+    cmd = command(config)
     print("serving:", " ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, server_env())

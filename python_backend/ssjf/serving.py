@@ -1,18 +1,19 @@
-"""Triton-facing helpers that need no Triton: parameters, input parsing and validation.
+"""Triton-facing helpers that need no Triton: a model's parameters, and one request's input
+tensors converted to Python values (LLMInputs).
 
-model.py files fetch tensors as numpy arrays and call these; every problem becomes a
-RequestError whose message starts with the offending field.
+Conversion only: shapes, types and UTF-8. What the values may be (an empty prompt, a negative
+temperature, a prompt too long for the context, the proxy's "no prediction") is Engine.submit's
+to decide, once. Every problem is a RequestError whose message starts with the offending field.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from .engine import RequestError
+from .request import LLMInputs
 
 LLM_INPUTS = ("text_input", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature")
 
@@ -21,16 +22,6 @@ def model_parameters(args: dict) -> dict[str, str]:
     """The string parameters of a model's config.pbtxt, from initialize()'s args."""
     config = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-
-
-@dataclass
-class LLMInputs:
-    text: str
-    max_tokens: int | None = None
-    ignore_eos: bool = False
-    stream: bool = False
-    temperature: float = 0.0
-    predicted_length: int | None = None
 
 
 def _scalar(name: str, array: np.ndarray | None):
@@ -63,17 +54,13 @@ def check_parameters(parameters: str | dict | None) -> None:
         )
 
 
-def parse_llm_inputs(arrays: dict[str, np.ndarray | None], max_prompt_bytes: int = 0) -> LLMInputs:
-    """Validate and convert one request's input tensors."""
+def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
+    """One request's input tensors as Python values."""
     text = _scalar("text_input", arrays.get("text_input"))
     if text is None:
         raise RequestError("text_input: missing")
-    size = len(text) if isinstance(text, (bytes, np.bytes_, str)) else 0
-    if max_prompt_bytes and size > max_prompt_bytes:
-        raise RequestError(f"text_input: {size} bytes is over the limit of {max_prompt_bytes} (max_prompt_bytes)")
-    parsed = LLMInputs(text=decode_text(text))
-    if not parsed.text.strip():
-        raise RequestError("text_input: the prompt is empty")
+    size = len(text) if isinstance(text, (bytes, np.bytes_)) else 0
+    parsed = LLMInputs(text=decode_text(text), text_bytes=size)
     for name in ("max_tokens", "predicted_length"):
         value = _scalar(name, arrays.get(name))
         if value is not None:
@@ -86,10 +73,5 @@ def parse_llm_inputs(arrays: dict[str, np.ndarray | None], max_prompt_bytes: int
             setattr(parsed, name, bool(value))
     temperature = _scalar("temperature", arrays.get("temperature"))
     if temperature is not None:
-        temperature = float(temperature)
-        if not math.isfinite(temperature) or temperature < 0:
-            raise RequestError(f"temperature: must be a finite number >= 0, got {temperature}")
-        parsed.temperature = temperature
-    if parsed.predicted_length is not None and parsed.predicted_length < 1:
-        parsed.predicted_length = None  # a broken prediction falls back to the unknown-length key
+        parsed.temperature = float(temperature)
     return parsed

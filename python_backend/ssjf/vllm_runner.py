@@ -51,7 +51,8 @@ class VllmRunner:
         from transformers import AutoTokenizer, GenerationConfig
 
         from .assets import resolve_llm
-        from .model_runner import eos_ids, resolve_dtype
+        from .cpus import resolve_dtype
+        from .model_runner import eos_ids
 
         path = resolve_llm(config.model)
         device = torch.device(config.device)

@@ -3,7 +3,7 @@
 import json
 import re
 
-from ssjf_client.bench import main as bench
+from ssjf_tools.bench import main as bench
 
 
 def test_trace_replay_against_a_running_server(server, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ssjf.server import MODEL_REPOSITORY, ServerConfig, TritonServer, is_ready
+from ssjf.server import ServerConfig, TritonServer, is_ready
 from ssjf_client import SSJFClient
 
 WRAPPER = '''
@@ -49,7 +49,7 @@ def faulty_server(tmp_path_factory):
     root = Path(tmp_path_factory.mktemp("faulty"))
     repo = root / "model_repository"
     shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "llm" / "1" / "model.py").write_text(WRAPPER.format(real=str(MODEL_REPOSITORY / "llm" / "1" / "model.py")))
+    (repo / "llm" / "1" / "model.py").write_text(WRAPPER.format(real=str(ServerConfig().model_repository / "llm" / "1" / "model.py")))
     # the poisoned row is injected into the torch runner's decode (it retries a failed batch row by row)
     env = {"SSJF_POLICY": "ssjf", "SSJF_BATCHING": "continuous", "SSJF_MAX_ENGINE_RESTARTS": "0",
            "SSJF_RUNNER": "torch"}

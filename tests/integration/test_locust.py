@@ -13,7 +13,7 @@ def test_headless_locust_run(server, tmp_path):
     prefix = tmp_path / "run"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "3", "-r", "3", "-t", "12s",
            "--host", server.grpc_url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "30"]
-    env = {"SSJF_MAX_TOKENS": "12", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env = {"SSJF_LOAD_MAX_TOKENS": "12", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["Name"]: r for r in csv.DictReader(open(f"{prefix}_stats.csv"))}

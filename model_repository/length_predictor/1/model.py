@@ -1,11 +1,10 @@
 """Triton glue for the proxy: one encoder pass over every prompt the dynamic batcher grouped."""
 
-import os
-
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from ssjf.config import ProxyConfig
 from ssjf.cpus import bind_process, service_cpus
 from ssjf.proxy import LengthPredictor
 from ssjf.serving import model_parameters
@@ -13,19 +12,18 @@ from ssjf.serving import model_parameters
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        threads = params.get("num_threads", "auto")
-        if threads == "auto" and params.get("device", "cpu") == "cpu":
+        config = ProxyConfig.from_strings(model_parameters(args))  # SSJF_PROXY_<FIELD> overrides
+        if config.num_threads == "auto" and config.device == "cpu":
             cpus = service_cpus()  # off the engine's cores (ssjf.cpus)
             bind_process(cpus)
             torch.set_num_threads(len(cpus))
-        elif threads != "auto" and int(threads) > 0:
-            torch.set_num_threads(int(threads))
+        elif config.num_threads != "auto" and int(config.num_threads) > 0:
+            torch.set_num_threads(int(config.num_threads))
         self.failed_once = False
-        # SSJF_PROXY_ARTIFACT overrides the config (trace replay serves the `recorded` artifact)
-        artifact = os.environ.get("SSJF_PROXY_ARTIFACT") or params.get("artifact", "smollm2")
-        self.predictor = LengthPredictor(artifact, params.get("device", "cpu"))
+        self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
+        pb_utils.Logger.log_info(f"length_predictor ready: artifact={config.artifact} "
+                                 f"dtype={self.predictor.encoder.dtype_name} threads={torch.get_num_threads()}")
 
     def execute(self, requests):
         texts, counts = [], []

@@ -11,7 +11,6 @@ import triton_python_backend_utils as pb_utils
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.metrics import TritonMetrics
-from ssjf.request import Request
 from ssjf.responder import Responder
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
 
@@ -55,32 +54,17 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             arrived = time.monotonic()  # server-side latencies start here, tokenization included
-            arrays = {}
-            for name in LLM_INPUTS:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                arrays[name] = None if tensor is None else tensor.as_numpy()
             sink = None
             try:
-                inputs = parse_llm_inputs(arrays, self.config.max_prompt_bytes)
+                arrays = {}
+                for name in LLM_INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    arrays[name] = None if tensor is None else tensor.as_numpy()
+                inputs = parse_llm_inputs(arrays)
                 sink = TritonSink(request, inputs.predicted_length or 0)
                 check_parameters(request.parameters())
-                if not self.engine.alive:
-                    raise RequestError(f"engine is not running: {self.engine.failure}")
-                req = Request(
-                    request_id=request.request_id() or "",
-                    prompt_ids=self.engine.encode_prompt(inputs.text),
-                    max_tokens=inputs.max_tokens,  # None: the engine default
-                    sink=self.responder.wrap(sink),
-                    ignore_eos=inputs.ignore_eos,
-                    temperature=inputs.temperature,
-                    stream=inputs.stream,
-                    predicted_length=inputs.predicted_length,
-                    arrival_time=arrived,
-                )
-                if arrays["predicted_length"] is not None and inputs.predicted_length is None:
-                    self.metrics.proxy_fallback()  # the proxy answered 0: it failed for this prompt
-                self.engine.check(req, timeout_s=request.timeout() / 1e6)  # the client's timeout, in µs; 0: none
-                self.engine.add_request(req)
+                self.engine.submit(inputs, self.responder.wrap(sink), request_id=request.request_id() or "",
+                                   arrival_time=arrived, timeout_s=request.timeout() / 1e6)  # µs; 0: none
             except RequestError as exc:
                 self.metrics.rejected(str(exc).split(":", 1)[0])
                 (sink or TritonSink(request, 0)).error(str(exc))
@@ -98,7 +82,7 @@ class TritonPythonModel:
         except OSError:
             is_triton = False
         # never signal anything else (an orphaned stub's parent is init)
-        if os.environ.get("SSJF_EXIT_ON_ENGINE_DEATH", "1") != "0" and is_triton:
+        if self.config.exit_on_engine_death and is_triton:
             os.kill(parent, signal.SIGTERM)
 
     def finalize(self):

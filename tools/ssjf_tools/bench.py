@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from .client import build_inputs
+from ssjf_client.client import build_inputs
 
 
 TEMPLATE_TOKENS = 32  # what the chat template adds to a prompt, in tokens
@@ -65,8 +65,8 @@ def load_workload(data: str, n: int, seed: int, length_scale: float, natural: bo
     is natural_max_tokens (None: the server's default cap) and generation stops at EOS. split="test"
     keeps only prompts in the served artifact's held-out split (as its metadata records it), so
     the predictions the server makes are on prompts that artifact never saw."""
-    from ssjf.data import count_tokens, load_rows, parse_data_spec, response_lengths
-    from ssjf.eval_proxy import held_out
+    from .data import count_tokens, load_rows, parse_data_spec, response_lengths
+    from .split import held_out
     from ssjf.proxy import read_meta
 
     path, models = parse_data_spec(data)
@@ -102,7 +102,7 @@ def arrival_times(kind: str, n: int, rate: float, seed: int, cv: float = 2.0, tr
         shape = 1.0 / cv**2
         gaps = rng.gamma(shape, 1.0 / (rate * shape), n - 1)
     elif kind == "azure":
-        from ssjf.data import load_arrival_times
+        from .data import load_arrival_times
 
         stamps = np.array(load_arrival_times(trace))[trace_offset : trace_offset + n]
         if len(stamps) < n:

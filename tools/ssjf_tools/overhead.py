@@ -18,8 +18,8 @@ import statistics
 
 import tritonclient.grpc as grpcclient
 
-from .client import SSJFClient, scrape_metrics
-from ssjf.report import emit
+from ssjf_client.client import SSJFClient, scrape_metrics
+from .report import emit
 
 PROMPT = "What is the capital of France?"
 

@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from .config import EngineConfig
-from .engine import Engine
-from .request import Request
+from ssjf.config import EngineConfig
+from ssjf.cpus import machine
+from ssjf.engine import Engine
+from ssjf.request import Request
 from .report import emit
 
 PROMPTS = [
@@ -65,21 +66,6 @@ def bench_vllm_bare(llm, prompts: list[list[int]], new_tokens: int) -> float:
     elapsed = time.perf_counter() - start
     assert total == len(prompts) * new_tokens, total
     return total / elapsed
-
-
-def machine() -> dict:
-    """CPU model, the ISA flags that decide dtypes, threads."""
-    info = {"threads": torch.get_num_threads()}
-    try:
-        text = open("/proc/cpuinfo").read()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def bench_hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:

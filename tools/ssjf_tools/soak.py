@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from .client import scrape_metrics
+from ssjf_client.client import scrape_metrics
 
-LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
+LOCUSTFILE = Path("loadtest") / "locustfile.py"  # from the checkout; --locustfile elsewhere
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -51,13 +51,14 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
-def run_locust(grpc_url: str, users: int, seconds: float, rate: float, csv_prefix: Path, env: dict) -> dict:
+def run_locust(grpc_url: str, users: int, seconds: float, rate: float, csv_prefix: Path, env: dict,
+               locustfile: Path = LOCUSTFILE) -> dict:
     """One headless Locust run: its stats rows by name (latency percentiles) and the locustfile's ledger
     (counts; the CSV can miss requests that end during the stop phase)."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(users), "-r", str(users),
            "-t", f"{int(seconds)}s", "--host", grpc_url, "--csv", str(csv_prefix), "--only-summary",
            "--stop-timeout", "600", "--exit-code-on-error", "0"]
-    run_env = {**os.environ, **env, "SSJF_RATE": str(rate),
+    run_env = {**os.environ, **env, "SSJF_LOAD_RATE": str(rate),
                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=seconds + 900)
     if proc.returncode != 0:
@@ -83,15 +84,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup-s", type=float, default=120.0)
     ap.add_argument("--sample-s", type=float, default=5.0)
     ap.add_argument("--out", default="results/soak.json")
+    ap.add_argument("--locustfile", type=Path, default=LOCUSTFILE, help="the load test (default: the checkout's)")
     args = ap.parse_args(argv)
 
     from ssjf.server import ServerConfig, TritonServer
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {"SSJF_MAX_TOKENS": str(args.max_tokens)}
+    env = {"SSJF_LOAD_MAX_TOKENS": str(args.max_tokens)}
     if Path(args.prompts).exists():
-        env.update(SSJF_PROMPTS=str(Path(args.prompts).resolve()), SSJF_TRACE="1")
+        env.update(SSJF_LOAD_PROMPTS=str(Path(args.prompts).resolve()), SSJF_LOAD_TRACE="1")
     server_env = dict(os.environ, SSJF_MAX_WAITING=str(args.max_waiting))
     config = ServerConfig.on_free_ports()
     report: dict = {"command": "ssjf soak " + " ".join(argv if argv is not None else sys.argv[1:]), "args": vars(args)}
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
         metrics_url = f"http://{config.host}:{config.metrics_port}"
         capacity = args.capacity
         if not capacity:
-            cal = run_locust(server.grpc_url, 32, args.calibrate_s, 1000.0, out.with_suffix(".calibrate"), env)
+            cal = run_locust(server.grpc_url, 32, args.calibrate_s, 1000.0, out.with_suffix(".calibrate"), env, args.locustfile)
             done = cal["ledger"]["ok"]
             capacity = done / args.calibrate_s
             print(f"capacity: {capacity:.2f} req/s ({done} completed in {args.calibrate_s:.0f} s, saturated)", flush=True)
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
         sampler.start()
         print(f"soak: {args.minutes:.0f} min at {rate:.2f} req/s ({args.load}x capacity), {args.users} users",
               flush=True)
-        soak = run_locust(server.grpc_url, args.users, args.minutes * 60, rate, out.with_suffix(".soak"), env)
+        soak = run_locust(server.grpc_url, args.users, args.minutes * 60, rate, out.with_suffix(".soak"), env, args.locustfile)
         stop.set()
         sampler.join()
         time.sleep(2)

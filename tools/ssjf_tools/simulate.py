@@ -140,7 +140,7 @@ def bench_defaults(path: str, flags: set[str]) -> dict:
 
 def main(argv=None) -> dict:
     from ssjf.config import EngineConfig
-    from ssjf.data import count_tokens
+    from .data import count_tokens
     from ssjf.proxy import LengthPredictor
 
     ap = argparse.ArgumentParser(prog="ssjf simulate", description=__doc__,

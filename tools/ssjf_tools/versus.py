@@ -222,7 +222,7 @@ def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tu
 def machine() -> dict:
     import torch
 
-    from ssjf.bench_engine import machine as cpu_info
+    from ssjf.cpus import machine as cpu_info
 
     info = cpu_info()
     info["cores"] = os.cpu_count()
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
     if args.dtype == "auto":
         import torch
 
-        from ssjf.model_runner import resolve_dtype
+        from ssjf.cpus import resolve_dtype
 
         args.dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     contenders = [c.strip() for c in args.contenders.split(",")]

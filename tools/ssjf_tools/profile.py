@@ -16,11 +16,11 @@ import json
 import os
 import time
 
-from .assets import resolve_llm
-from .config import EngineConfig
+from ssjf.assets import resolve_llm
+from ssjf.config import EngineConfig
 from .data import conversation, load_rows
-from .engine import Engine, RequestError
-from .request import Request
+from ssjf.engine import Engine, RequestError
+from ssjf.request import Request
 
 
 class _Collect:

@@ -112,7 +112,7 @@ def parse_data_spec(spec: str) -> tuple[str, set[str] | None]:
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    from .assets import resolve_llm
+    from ssjf.assets import resolve_llm
 
     return AutoTokenizer.from_pretrained(resolve_llm(name))
 

@@ -14,7 +14,7 @@ their LayerNorms, starting from the trained head. The epoch with the best valida
 kept if it beats the frozen encoder's, and its adapters ship inside the artifact.
 Rows are split by conversation where the data has them (ids `conversation#turn`), else by
 prompt, never by row: the same prompt never sits in two splits, whichever models answered it,
-and a conversation's turns stay together (see eval_proxy.split_key).
+and a conversation's turns stay together (see split.split_key).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
-from .eval_proxy import in_test_split, proxy_metrics, split_key, split_meta
-from .proxy import ADAPTER, ARTIFACT_DIR, Encoder, Head, features, save_artifact
+from .eval_proxy import proxy_metrics
+from .split import in_test_split, split_key, split_meta
+from ssjf.proxy import ADAPTER, Encoder, Head, features, save_artifact, user_artifacts
 
 OBJECTIVES = ("regression", "classification", "ranking", "hybrid")
 
@@ -208,7 +209,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="ssjf train-proxy", description=__doc__)
     ap.add_argument("--data", action="append", required=True, help="rows (any format; repeatable); path[@model,...]")
-    ap.add_argument("--name", required=True, help="artifact name (saved with the package) or a .npz path")
+    ap.add_argument("--name", required=True, help="artifact name (saved under $SSJF_CACHE_DIR/artifacts, where the server finds it) or a .npz path")
     ap.add_argument("--objective", choices=("auto",) + OBJECTIVES, default="auto")
     ap.add_argument("--encoder", default="minilm",
                     help="minilm (packaged), smollm2 (the served LLM), or any HF model folder / name")
@@ -312,7 +313,8 @@ def main(argv=None) -> dict:
         "bucket_edges": edges, "train_mean_length": float(lengths[train].mean()),
         "max_prediction": int(lengths.max() * 2), "test_metrics": results[chosen], "eval_models": args.eval_models,
     }
-    out = Path(args.name) if args.name.endswith(".npz") else ARTIFACT_DIR / f"{args.name}.npz"
+    out = Path(args.name) if args.name.endswith(".npz") else user_artifacts() / f"{args.name}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_artifact(out, final, meta)
     print(f"chose {chosen} (best validation tau); saved {out} ({out.stat().st_size} bytes)")
     if args.report:
