@@ -1,7 +1,10 @@
 """Policy ordering with fake requests: FCFS, SSJF, oracle SJF, ties by arrival, aging."""
 
+from types import SimpleNamespace
+
 import pytest
 
+from ssjf.config import EngineConfig
 from ssjf.policy import UNKNOWN_LENGTH, FCFSQueue, OracleSJFQueue, SSJFQueue, make_queue
 from ssjf.request import Request
 
@@ -150,14 +153,14 @@ def test_oracle_falls_back_to_the_capped_prediction():
 
 
 def test_factory():
-    assert isinstance(make_queue("fcfs"), FCFSQueue)
-    assert isinstance(make_queue("ssjf"), SSJFQueue)
-    assert isinstance(make_queue("sjf_oracle"), OracleSJFQueue)
-    assert make_queue("ssjf", cap_by_max_tokens=True).cap_by_max_tokens
-    q = make_queue("sjf_oracle", max_bypass_ratio=1.5, slots=8)
+    assert isinstance(make_queue(EngineConfig(policy="fcfs")), FCFSQueue)
+    assert isinstance(make_queue(EngineConfig(policy="ssjf")), SSJFQueue)
+    assert isinstance(make_queue(EngineConfig(policy="sjf_oracle")), OracleSJFQueue)
+    assert make_queue(EngineConfig(policy="ssjf", cap_by_max_tokens=True)).cap_by_max_tokens
+    q = make_queue(EngineConfig(policy="sjf_oracle", max_bypass_ratio=1.5, max_batch_size=8))
     assert (q.max_bypass_ratio, q.slots) == (1.5, 8)
     with pytest.raises(ValueError, match="unknown policy"):
-        make_queue("lifo")
+        make_queue(SimpleNamespace(policy="lifo", batching="continuous"))
 
 
 def test_pass_bound_promotes_a_request_passed_over_by_k_later_arrivals():

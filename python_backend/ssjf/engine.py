@@ -325,6 +325,11 @@ class Engine:
             log.exception("the scheduler could not be emptied")
 
     # ---- synchronous use (benchmarks, tests) -------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, waiting or running."""
+        return not self._inbox and not self.scheduler.has_work()
+
     def run_until_idle(self) -> None:
-        while self._inbox or self.scheduler.has_work():
+        while not self.idle:
             self.step()

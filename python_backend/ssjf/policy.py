@@ -95,7 +95,7 @@ class FCFSQueue(RequestQueue):
 class PriorityQueue(RequestQueue):
     """Smallest sort_key first, with the starvation guard over arrival order."""
 
-    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
+    def __init__(self, *, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
                  max_bypass_ratio: float = 0.0, slots: int = 1, batch_rounds: bool = False):
         self.starvation_s = starvation_s
         self.max_passes = max_passes
@@ -194,10 +194,8 @@ class SSJFQueue(PriorityQueue):
     `cap_by_max_tokens`, a prediction above the request's max_tokens counts as max_tokens: the
     job cannot run longer than its client allows, whatever the proxy says."""
 
-    def __init__(self, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic, max_passes: int = 0,
-                 cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0, slots: int = 1,
-                 batch_rounds: bool = False):
-        super().__init__(starvation_s, clock, max_passes, max_bypass_ratio, slots, batch_rounds)
+    def __init__(self, *, cap_by_max_tokens: bool = False, **guard):
+        super().__init__(**guard)
         self.cap_by_max_tokens = cap_by_max_tokens
 
     def predicted(self, req: Request) -> float:
@@ -218,13 +216,15 @@ class OracleSJFQueue(SSJFQueue):
         return req.true_length if req.true_length is not None else self.predicted(req)
 
 
-def make_queue(policy: str, starvation_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
-               max_passes: int = 0, cap_by_max_tokens: bool = False, max_bypass_ratio: float = 0.0,
-               slots: int = 1, batch_rounds: bool = False) -> RequestQueue:
-    """The waiting queue for a policy name."""
-    if policy == "fcfs":
+def make_queue(config, clock: Callable[[], float] = time.monotonic) -> RequestQueue:
+    """The waiting queue for an EngineConfig: its policy, with its starvation guard. In request-level
+    batches (dynamic batching) one batch holds the queue up as long as its longest job."""
+    if config.policy == "fcfs":
         return FCFSQueue()
-    if policy in ("ssjf", "sjf_oracle"):
-        cls = SSJFQueue if policy == "ssjf" else OracleSJFQueue
-        return cls(starvation_s, clock, max_passes, cap_by_max_tokens, max_bypass_ratio, slots, batch_rounds)
-    raise ValueError(f"unknown policy {policy!r}")
+    if config.policy in ("ssjf", "sjf_oracle"):
+        dynamic = config.batching == "dynamic"
+        cls = SSJFQueue if config.policy == "ssjf" else OracleSJFQueue
+        return cls(starvation_s=config.starvation_s, clock=clock, max_passes=config.max_passes,
+                   max_bypass_ratio=config.max_bypass_ratio, cap_by_max_tokens=config.cap_by_max_tokens,
+                   slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic)
+    raise ValueError(f"unknown policy {config.policy!r}")

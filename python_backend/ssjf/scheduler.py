@@ -37,10 +37,7 @@ class Admission:
 class Scheduler:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
         self.batching = config.batching
-        dynamic = config.batching == "dynamic"  # a request-level batch holds the queue up as long as its longest job
-        self.waiting = make_queue(config.policy, config.starvation_s, clock, max_passes=config.max_passes,
-                                  cap_by_max_tokens=config.cap_by_max_tokens, max_bypass_ratio=config.max_bypass_ratio,
-                                  slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic)
+        self.waiting = make_queue(config, clock)
         self.running: list[Request] = []  # in admission order; the runner owns their cache places
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
 

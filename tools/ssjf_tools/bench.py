@@ -27,6 +27,7 @@ linearly between the last swept rate that meets it and the first that does not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import threading
@@ -406,6 +407,31 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
     return files
 
 
+GUARD = ("starvation_s", "max_bypass_ratio", "max_passes")  # the starvation guard's EngineConfig fields
+
+
+def config_args(ap: argparse.ArgumentParser, names, sweep: bool = False, **defaults) -> None:
+    """Flags for EngineConfig fields (--max-passes for max_passes): type, default and help come from
+    the config, so a tool never restates the server's defaults. `defaults` sets a tool's own
+    (stated in its help); sweep: a comma list of values, each run in turn."""
+    from ssjf.config import EngineConfig, default_of, help_of
+
+    kinds = {"int": int, "float": float, "str": str}
+    for name in names:
+        kind = next(str(f.type) for f in dataclasses.fields(EngineConfig) if f.name == name)
+        default = defaults.get(name, default_of(EngineConfig, name))
+        note = "" if name not in defaults else f" (here {default}; the server's default is {default_of(EngineConfig, name)})"
+        if sweep:
+            ap.add_argument(f"--{name.replace('_', '-')}", default=f"{default:g}" if isinstance(default, float) else str(default),
+                            help=f"{help_of(EngineConfig, name)}{note} (comma list: a sweep)")
+        elif kind == "bool":
+            ap.add_argument(f"--{name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+                            default=default, help=help_of(EngineConfig, name) + note)
+        else:
+            ap.add_argument(f"--{name.replace('_', '-')}", type=kinds[kind], default=default,
+                            help=help_of(EngineConfig, name) + note)
+
+
 def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: bool = True) -> None:
     """The flags `ssjf bench`, `ssjf simulate` and `ssjf versus` share: what is replayed, when, and
     on what server; `schedule`: also the policies, rates and batching modes to run."""
@@ -426,8 +452,8 @@ def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: 
     ap.add_argument("--natural-max-tokens", type=int,
                     help="natural mode: the max_tokens cap sent with each request (default: the server's, 512)")
     ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
-    ap.add_argument("--max-batch-size", type=int, default=8, help="server's running-batch cap (continuous/dynamic)")
-    ap.add_argument("--max-seq-len", type=int, default=2048)
+    # batch 8: a 2-core CPU queues at a load it can finish in minutes
+    config_args(ap, ["max_batch_size", "max_seq_len"], max_batch_size=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "
@@ -439,12 +465,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="ssjf bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(ap)
-    ap.add_argument("--starvation-s", type=float, default=60.0, help="the server's aging bound on waiting time")
-    ap.add_argument("--max-bypass-ratio", type=float, default=2.0,
-                    help="the server's aging bound on how long later arrivals served first held a request up, "
-                         "in decode steps, relative to its own length")
-    ap.add_argument("--max-passes", type=int, default=16, help="the server's aging bound on the number of later arrivals "
-                                                              "served first")
+    config_args(ap, GUARD)
     ap.add_argument("--slo-norm-latency", type=float, default=0.5,
                     help="SLO on p90 normalized latency (s/token) for a sweep's capacity: the highest rate that meets "
                          "it, per policy (0.5 suits this 2-core CPU; on a GPU a tenth of that)")

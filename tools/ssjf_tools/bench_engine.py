@@ -17,6 +17,7 @@ from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 from ssjf.engine import Engine
 from ssjf.request import Request
+from .bench import config_args
 from .report import emit
 
 PROMPTS = [
@@ -100,9 +101,7 @@ def bench_hf_generate_batch(model, tokenizer, prompts: list[list[int]], new_toke
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="ssjf bench-engine", description=__doc__)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
+    config_args(ap, ["model", "device", "dtype", "num_threads"])
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
@@ -111,7 +110,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="torch",
-                          max_batch_size=args.concurrency, max_seq_len=1024)
+                          max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads)
     engine = Engine(config)
     model, tok = engine.runner.model, engine.tokenizer
     prompts = [engine.encode_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(args.concurrency)]
@@ -121,7 +120,7 @@ def main(argv=None) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if "vllm" not in skip and importlib.util.find_spec("vllm") is not None:
         vconfig = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="vllm",
-                               max_batch_size=args.concurrency, max_seq_len=1024)
+                               max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads)
         vengine = Engine(vconfig)
         runs["ssjf_engine_vllm"] = lambda: bench_engine(vengine, prompts, args.new_tokens)
         runs["vllm_bare"] = lambda: bench_vllm_bare(vengine.runner.engine, prompts, args.new_tokens)

@@ -18,6 +18,7 @@ import time
 
 from ssjf.assets import resolve_llm
 from ssjf.config import EngineConfig
+from .bench import config_args
 from .data import conversation, load_rows
 from ssjf.engine import Engine, RequestError
 from ssjf.request import Request
@@ -41,10 +42,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssjf profile", description=__doc__)
     ap.add_argument("--data", action="append", required=True, help="prompt files (any supported format; repeatable)")
     ap.add_argument("--out", required=True, help="JSON lines to append to (resumable)")
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--runner", default="torch", choices=["torch", "vllm"], help="batched generation (greedy: the same lengths)")
+    config_args(ap, ["model", "device", "dtype"])
+    # greedy: either runner gives the same lengths; torch needs no vLLM install
+    config_args(ap, ["runner"], runner="torch")
     ap.add_argument("--max-tokens", type=int, default=512, help="cap on each answer")
     ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped")
     ap.add_argument("--limit", type=int, default=0, help="profile at most this many new prompts")

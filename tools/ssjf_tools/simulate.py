@@ -1,13 +1,13 @@
-"""`ssjf simulate`: the bench's replay through the engine's own scheduler on a virtual clock.
+"""`ssjf simulate`: the bench's replay through the serving engine itself on a virtual clock.
 
-The same workload, arrivals and flags as `ssjf bench`, with no server and no model: each
-policy's queue, starvation guard and admission are the engine's (`ssjf.scheduler.Scheduler`),
-predictions are the artifact's (as the served proxy makes them), and time moves by a cost
-model of an engine step. A step prefills the requests it admits (prefill_s + prefill_token_s x
-padded prompt tokens, one token each) and then decodes every running request (decode_s +
-decode_seq_s x running, one token each), as `Engine.step` does. The defaults are this 2-core
-CPU's engine alone (SmolLM2-135M, bf16). A served run is slower than that (Triton's per-token
-sends, the proxy on the same cores): `--calibrate-fcfs-mean S` scales every cost so that FCFS's
+The same workload, arrivals and flags as `ssjf bench`, with no server and no model: the code
+that runs is the served code (`ssjf.engine.Engine.step`, its scheduler, policy, starvation guard,
+admission and stop rules), with a cost-model runner in place of the model. Predictions are the
+artifact's (as the served proxy makes them). The runner prefills the requests a step admits
+(prefill_s + prefill_token_s x padded prompt tokens, one token each), then decodes every running
+request (decode_s + decode_seq_s x running, one token each). The default costs are one CPU's
+engine alone; a served run differs (Triton's sends, the proxy on the same cores, another
+machine): `--calibrate-fcfs-mean S` scales every cost so that FCFS's
 mean JCT is S seconds, the mean a real `ssjf bench` FCFS run measured on the same load.
 `--from-bench REPORT.json` does both at once: that report's workload, arrivals, server and
 guard settings, calibrated on its first run's FCFS mean (flags given too override the report's).
@@ -22,6 +22,7 @@ The report has `ssjf bench`'s shape, with each round's mean and p99 JCT as a rat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -30,14 +31,18 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
+from ssjf.engine import Engine
+from ssjf.request import Request
+from ssjf.runner import StepOutput
+
+from .bench import (GUARD, TEMPLATE_TOKENS, config_args, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
                     summarize, workload_args)
 
 
 @dataclass
 class StepCost:
-    """Seconds per engine step. Defaults: SmolLM2-135M, bf16, this 2-core CPU, the engine alone
-    (ModelRunner.prefill / decode timed at batch 1-8; decode at 100-400 cached tokens)."""
+    """Seconds per engine step. The defaults were fitted to SmolLM2-135M on a 2-core CPU, the engine
+    alone (ModelRunner.prefill / decode at batch 1-8, 100-400 cached tokens); calibrate for yours."""
 
     decode_s: float = 0.035
     decode_seq_s: float = 0.0011
@@ -54,52 +59,83 @@ class StepCost:
         return self.decode_s + self.decode_seq_s * running
 
 
+class VirtualClock:
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Quiet:
+    """A tokenizer and a sink that do nothing: the simulation needs timings, not text."""
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+    def send(self, text: str, final: bool) -> None: ...
+
+    def error(self, message: str) -> None: ...
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+class CostModelRunner:
+    """A Runner (ssjf.runner) whose forward pass is a cost model: admit() and step() move the
+    virtual clock by what that prefill or decode step costs and give each request one token. A
+    job's last token is EOS, unless it ignores EOS, when its max_tokens ends it."""
+
+    EOS = 1
+
+    def __init__(self, clock: VirtualClock, cost: StepCost, lengths: dict[str, int], max_seq_len: int):
+        self.clock, self.cost, self.lengths = clock, cost, lengths
+        self.tokenizer = _Quiet()
+        self.max_seq_len = max_seq_len
+        self.eos_token_ids = {self.EOS}
+
+    def _one_token_each(self, reqs: list[Request]) -> StepOutput:
+        last = [not r.ignore_eos and len(r.output_ids) + 1 >= self.lengths[r.request_id] for r in reqs]
+        return StepOutput(tokens=[(r, [self.EOS if end else 0]) for r, end in zip(reqs, last)])
+
+    def admit(self, reqs: list[Request]) -> StepOutput:
+        self.clock.now += self.cost.prefill(max(r.prompt_len for r in reqs), len(reqs))
+        return self._one_token_each(reqs)
+
+    def step(self, reqs: list[Request]) -> StepOutput:
+        self.clock.now += self.cost.decode(len(reqs))
+        return self._one_token_each(reqs)
+
+    def release(self, req: Request) -> None: ...
+
+
 def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: list[int | None],
              times: np.ndarray, cost: StepCost, ignore_eos: bool = True) -> list[Job]:
-    """Replay jobs (arriving at `times`, sorted) through a Scheduler built from `config` (an
-    EngineConfig) on a virtual clock. lengths: the tokens each job generates. With ignore_eos the
-    length is its max_tokens, so oracle SJF knows it; otherwise it stops early (as at EOS) and the
-    oracle falls back to the prediction. Returns one Job per request with first and done times."""
-    from ssjf.request import Request
-    from ssjf.scheduler import Scheduler
-
-    now = [0.0]
-    scheduler = Scheduler(config, clock=lambda: now[0])
-    reqs = [Request(str(i), [0] * p, max_tokens=n if ignore_eos else None, ignore_eos=ignore_eos,
+    """Replay jobs (arriving at `times`, sorted) through the serving engine itself (`Engine.step`:
+    its scheduler, policy, guard, admission and stop rules) built from `config` (an EngineConfig),
+    on a virtual clock, with CostModelRunner in place of the model. lengths: the tokens each job
+    generates. With ignore_eos the length is its max_tokens, so oracle SJF knows it; otherwise it
+    stops at EOS and the oracle falls back to the prediction. Returns one Job per request with its
+    first-token and done times."""
+    config = dataclasses.replace(config, request_timeout_s=0.0, max_waiting=max(config.max_waiting, len(lengths)))
+    clock = VirtualClock(0.0)
+    runner = CostModelRunner(clock, cost, {str(i): n for i, n in enumerate(lengths)}, config.max_seq_len)
+    engine = Engine(config, runner=runner, clock=clock)
+    sink = _Quiet()
+    reqs = [Request(str(i), [0] * p, max_tokens=n if ignore_eos else None, sink=sink, ignore_eos=ignore_eos,
                     predicted_length=pred, arrival_time=float(t))
             for i, (p, n, pred, t) in enumerate(zip(prompt_tokens, lengths, predictions, times))]
-    jobs = [Job(i, "", n, float(t)) for i, (n, t) in enumerate(zip(lengths, times))]
-    nxt, left = 0, len(reqs)
-
-    def emit(req, at: float) -> None:  # one token
-        job = jobs[int(req.request_id)]
-        req.output_ids.append(0)
-        if len(req.output_ids) == 1:
-            job.first = at
-        if len(req.output_ids) >= lengths[job.index]:
-            job.done = req.finish_time = at
-
-    while left:
-        while nxt < len(reqs) and reqs[nxt].arrival_time <= now[0]:
-            scheduler.add(reqs[nxt])
+    nxt = 0
+    while nxt < len(reqs) or not engine.idle:
+        while nxt < len(reqs) and reqs[nxt].arrival_time <= clock.now:
+            engine.add_request(reqs[nxt])
             nxt += 1
-        if not scheduler.has_work():
-            now[0] = reqs[nxt].arrival_time
+        if engine.idle:
+            clock.now = reqs[nxt].arrival_time
             continue
-        admitted = scheduler.schedule()
-        if admitted:
-            now[0] += cost.prefill(max(r.prompt_len for r in admitted), len(admitted))
-            for req in admitted:
-                emit(req, now[0])
-        decoding = [r for r in scheduler.running if r.finish_time is None]
-        if decoding:
-            now[0] += cost.decode(len(scheduler.running))
-            for req in decoding:
-                emit(req, now[0])
-        for req in [r for r in scheduler.running if r.finish_time is not None]:
-            scheduler.retire(req)
-            left -= 1
-    return jobs
+        engine.step()
+    return [Job(i, "", n, float(t), first=r.first_token_time, done=r.finish_time)
+            for i, (r, n, t) in enumerate(zip(reqs, lengths, times))]
 
 
 def calibrate(target_mean_s: float, run_fcfs, lo: float = 0.02, hi: float = 50.0) -> float:
@@ -149,9 +185,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--from-bench", metavar="REPORT.json",
                     help="a real `ssjf bench` report: its workload, arrivals, server and guard settings become this "
                          "run's defaults (flags given here override them), calibrated on its first run's FCFS mean")
-    ap.add_argument("--starvation-s", default="60", help="aging bound on waiting time (comma list: a sweep)")
-    ap.add_argument("--max-bypass-ratio", default="2", help="aging bound relative to a job's length (comma list)")
-    ap.add_argument("--max-passes", default="16", help="aging bound on later arrivals served first (comma list)")
+    config_args(ap, GUARD, sweep=True)
     ap.add_argument("--repeats", type=int, default=8, help="rounds: new arrival times each (seeds seed, seed+1, ...; "
                                                                     "the Azure trace's next window)")
     for name, value in vars(StepCost()).items():
