@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "serve": ("ssjf.cli:serve", "run tritonserver in the foreground (ports from HTTP_PORT/GRPC_PORT/METRICS_PORT)"),
     "prepare": ("ssjf.cli:prepare_main", "prepare the default models once (SmolLM2 GGUF -> HF folder, Triton backends)"),
+    "settings": ("ssjf.cli:settings", "every server setting: its environment variable, default and meaning"),
 }
 
 
@@ -58,6 +59,24 @@ def prepare_main(argv) -> int:
     if argv:
         raise SystemExit("ssjf prepare takes no arguments")
     prepare()
+    return 0
+
+
+def settings(argv) -> int:
+    """The settings tables from ssjf.config, the one place they are defined."""
+    from dataclasses import fields
+
+    from .config import EngineConfig, ProxyConfig, default_of
+
+    if argv:
+        raise SystemExit("ssjf settings takes no arguments")
+    for cls, prefix, where in ((EngineConfig, "SSJF_", "llm"), (ProxyConfig, "SSJF_PROXY_", "length_predictor")):
+        print(f"# {where} (a config.pbtxt parameter NAME, or {prefix}NAME in the environment)")
+        for f in fields(cls):
+            print(f"{prefix + f.name.upper():30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
+        print()
+    print("# server: HTTP_PORT 8000, GRPC_PORT 8001, METRICS_PORT 8002, SSJF_HOST 127.0.0.1,\n"
+          "# SSJF_MODEL_REPOSITORY ./model_repository, SSJF_ADMIN_KEY (random), SSJF_CACHE_DIR ~/.cache/ssjf")
     return 0
 
 

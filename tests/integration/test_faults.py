@@ -48,8 +48,9 @@ class TritonPythonModel(_real.TritonPythonModel):
 def faulty_server(tmp_path_factory):
     root = Path(tmp_path_factory.mktemp("faulty"))
     repo = root / "model_repository"
-    shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "llm" / "1" / "model.py").write_text(WRAPPER.format(real=str(ServerConfig().model_repository / "llm" / "1" / "model.py")))
+    real = ServerConfig().model_repository  # the checkout's
+    shutil.copytree(real, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "llm" / "1" / "model.py").write_text(WRAPPER.format(real=str(real / "llm" / "1" / "model.py")))
     # the poisoned row is injected into the torch runner's decode (it retries a failed batch row by row)
     env = {"SSJF_POLICY": "ssjf", "SSJF_BATCHING": "continuous", "SSJF_MAX_ENGINE_RESTARTS": "0",
            "SSJF_RUNNER": "torch"}
