@@ -14,4 +14,5 @@ COMMANDS = {
     "profile": ("ssjf_tools.profile:main", "record the served LLM's own output lengths over a prompt set (resumable)"),
     "train-proxy": ("ssjf_tools.train_proxy:main", "train a length-predictor artifact from prompt/response rows"),
     "eval-proxy": ("ssjf_tools.eval_proxy:main", "Kendall tau, Spearman, MAE, bucket accuracy and latency of an artifact"),
+    "gpu-check": ("ssjf_tools.gpu_check:main", "the first run on a GPU: engine vs transformers on CUDA, speed, the proxy"),
 }

@@ -27,7 +27,6 @@ linearly between the last swept rate that meets it and the first that does not.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import threading
@@ -39,6 +38,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from ssjf_client.client import build_inputs
+
+from .flags import GUARD, config_args
 
 
 TEMPLATE_TOKENS = 32  # what the chat template adds to a prompt, in tokens
@@ -405,31 +406,6 @@ def plot(report: dict, all_jobs: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         files.append(str(path))
     return files
-
-
-GUARD = ("starvation_s", "max_bypass_ratio", "max_passes")  # the starvation guard's EngineConfig fields
-
-
-def config_args(ap: argparse.ArgumentParser, names, sweep: bool = False, **defaults) -> None:
-    """Flags for EngineConfig fields (--max-passes for max_passes): type, default and help come from
-    the config, so a tool never restates the server's defaults. `defaults` sets a tool's own
-    (stated in its help); sweep: a comma list of values, each run in turn."""
-    from ssjf.config import EngineConfig, default_of, help_of
-
-    kinds = {"int": int, "float": float, "str": str}
-    for name in names:
-        kind = next(str(f.type) for f in dataclasses.fields(EngineConfig) if f.name == name)
-        default = defaults.get(name, default_of(EngineConfig, name))
-        note = "" if name not in defaults else f" (here {default}; the server's default is {default_of(EngineConfig, name)})"
-        if sweep:
-            ap.add_argument(f"--{name.replace('_', '-')}", default=f"{default:g}" if isinstance(default, float) else str(default),
-                            help=f"{help_of(EngineConfig, name)}{note} (comma list: a sweep)")
-        elif kind == "bool":
-            ap.add_argument(f"--{name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-                            default=default, help=help_of(EngineConfig, name) + note)
-        else:
-            ap.add_argument(f"--{name.replace('_', '-')}", type=kinds[kind], default=default,
-                            help=help_of(EngineConfig, name) + note)
 
 
 def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: bool = True) -> None:

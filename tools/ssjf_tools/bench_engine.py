@@ -17,7 +17,7 @@ from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 from ssjf.engine import Engine
 from ssjf.request import Request
-from .bench import config_args
+from .flags import config_args
 from .report import emit
 
 PROMPTS = [

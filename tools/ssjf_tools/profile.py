@@ -18,7 +18,7 @@ import time
 
 from ssjf.assets import resolve_llm
 from ssjf.config import EngineConfig
-from .bench import config_args
+from .flags import config_args
 from .data import conversation, load_rows
 from ssjf.engine import Engine, RequestError
 from ssjf.request import Request

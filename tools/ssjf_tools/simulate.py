@@ -35,8 +35,9 @@ from ssjf.engine import Engine
 from ssjf.request import Request
 from ssjf.runner import StepOutput
 
-from .bench import (GUARD, TEMPLATE_TOKENS, config_args, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
+from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
                     summarize, workload_args)
+from .flags import GUARD, config_args
 
 
 @dataclass
