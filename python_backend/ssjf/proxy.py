@@ -360,16 +360,24 @@ class LengthPredictor:
         default = index.get(self.target_model, 0)
         return np.array([index.get(m, default) for m in (models or [self.target_model] * n)])
 
-    def predict_log(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
+    def features(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
+        """The head's input for each text (embedding, log prompt length, model one-hot). Texts are
+        cut at MAX_CHARS: far past any context, and a huge body must not cost seconds of
+        tokenization here before the LLM rejects it."""
+        texts = [t[: self.MAX_CHARS] for t in texts]
         emb, lens = (self.encoder.encode_cached if cached else self.encoder.encode)(texts)
-        return self.head.predict_log(features(emb, lens, self._model_ids(len(texts), models), len(self.models)))
+        return features(emb, lens, self._model_ids(len(texts), models), len(self.models))
+
+    def predict_log(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
+        return self.head.predict_log(self.features(texts, models, cached))
+
+    def to_lengths(self, log_lengths: np.ndarray) -> np.ndarray:
+        """Predicted log lengths as token counts (int32, >= 1, at most max_prediction)."""
+        return np.clip(np.rint(np.expm1(log_lengths)), 1, self.max_prediction).astype(np.int32)
 
     def predict(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
-        """Predicted lengths (int32, >= 1). Texts are cut at MAX_CHARS: far past any context, and a
-        huge body must not cost seconds of tokenization here before the LLM rejects it."""
-        texts = [t[: self.MAX_CHARS] for t in texts]
-        pred = np.expm1(self.predict_log(texts, models, cached))
-        return np.clip(np.rint(pred), 1, self.max_prediction).astype(np.int32)
+        """Predicted lengths (int32, >= 1)."""
+        return self.to_lengths(self.predict_log(texts, models, cached))
 
 
 def save_artifact(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:

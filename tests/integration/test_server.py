@@ -297,6 +297,21 @@ def test_metrics_move_with_traffic(server):
     assert any(k.startswith("ssjf_running_batch") for k in after)
 
 
+def test_the_proxys_rank_quality_on_live_traffic_is_published(server):
+    with SSJFClient(server.grpc_url) as client:
+        for i in range(16):  # the gauges refresh every 16 finished requests
+            assert client.generate(f"Give me {i} words.", max_tokens=1 + i % 6, ignore_eos=True).ok
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = _metrics(server)
+        if after.get('ssjf_proxy_window_requests{policy="ssjf"}', 0) >= 16:
+            break
+        time.sleep(0.2)
+    assert after['ssjf_proxy_window_requests{policy="ssjf"}'] >= 16
+    assert -1.0 <= after['ssjf_proxy_kendall_tau{policy="ssjf"}'] <= 1.0
+    assert after['ssjf_proxy_mae_tokens{policy="ssjf"}'] > 0
+
+
 def test_admin_apis_need_the_key_and_inference_does_not(server):
     url = f"{server.http_url}/v2/repository/index"
     try:

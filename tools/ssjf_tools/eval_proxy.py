@@ -31,6 +31,33 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
     }
 
 
+def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_every: int, window: int,
+                  windows: int = 8) -> dict:
+    """The serving refresh, offline: each block of rows is predicted by the head in use, then its
+    true lengths are learned and the head refitted (ssjf.learner.OnlineHead)."""
+    from ssjf.learner import OnlineHead
+
+    head = OnlineHead(predictor.head, window=window)
+    pred_log = np.empty(len(true))
+    for start in range(0, len(true), refresh_every):
+        block = slice(start, start + refresh_every)
+        pred_log[block] = head.predict_log(x[block])
+        for xi, n in zip(x[block], true[block]):
+            head.observe(xi, int(n))
+        head.refit()
+    online, frozen = predictor.to_lengths(pred_log), predictor.to_lengths(predictor.head.predict_log(x))
+    half = slice(len(true) // 2, None)
+    report = proxy_metrics(online[half], true[half], edges)
+    report["frozen_kendall_tau"] = proxy_metrics(frozen[half], true[half], edges)["kendall_tau"]
+    report["frozen"] = proxy_metrics(frozen[half], true[half], edges)
+    bounds = np.linspace(0, len(true), windows + 1).astype(int)
+    report["windows"] = [{"rows": [int(a), int(b)], "kendall_tau": proxy_metrics(online[a:b], true[a:b], edges)["kendall_tau"],
+                          "frozen_kendall_tau": proxy_metrics(frozen[a:b], true[a:b], edges)["kendall_tau"]}
+                         for a, b in zip(bounds[:-1], bounds[1:])]
+    report["refits"] = {"swapped": head.version, "rejected": head.rejected, "every_rows": refresh_every, "window": window}
+    return report
+
+
 def latency_ms(predictor, prompts: list[str], n: int = 50) -> float:
     sample = prompts[:: max(1, len(prompts) // n)][:n]
     predictor.encoder.warm_up()  # as the served length_predictor does at load
@@ -55,6 +82,14 @@ def main(argv=None) -> dict:
                     help="test: only rows in the artifact's test split, by conversation or prompt as its "
                          "metadata records (for the training data)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    ap.add_argument("--online", action="store_true",
+                    help="replay the rows in order as the serving refresh would: predict each block of rows, then "
+                         "learn from their true lengths and refit; kendall_tau (and the other metrics) are over the "
+                         "second half of the rows, frozen_kendall_tau is the starting artifact alone on the same rows")
+    ap.add_argument("--refresh-every", type=int, default=50, help="--online: rows between refits")
+    ap.add_argument("--window", type=int, default=2000, help="--online: recent rows the refit learns from")
+    ap.add_argument("--shuffle-seed", type=int, help="--online: replay the rows in a seeded random order instead "
+                                                      "of the file's")
     args = ap.parse_args(argv)
 
     import torch
@@ -71,12 +106,17 @@ def main(argv=None) -> dict:
     rows = [r for r in rows if r.response is not None or r.length is not None]
     if not rows:
         raise SystemExit("no rows with a response or length")
+    if args.online and args.shuffle_seed is not None:
+        rows = [rows[i] for i in np.random.default_rng(args.shuffle_seed).permutation(len(rows))]
     true = np.asarray(response_lengths(rows, args.tokenizer or meta.get("tokenizer", "smollm2")), dtype=np.float64)
     prompts = [r.prompt for r in rows]
     models = [r.model for r in rows] if predictor.models else None
-    pred = predictor.predict(prompts, models, cached=True)
     edges = meta["bucket_edges"]
-    report = proxy_metrics(pred, true, edges)
+    if args.online:
+        report = online_replay(predictor, predictor.features(prompts, models, cached=True), true, edges,
+                               args.refresh_every, args.window)
+    else:
+        report = proxy_metrics(predictor.predict(prompts, models, cached=True), true, edges)
     report["p50_latency_ms"] = latency_ms(predictor, prompts)
     plen = predictor.encoder.encode_cached(prompts)[1]
     report["baselines"] = {
