@@ -15,6 +15,8 @@ import numpy as np
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
+from ssjf.cpus import machine
+
 from .report import emit
 from .split import held_out
 
@@ -82,6 +84,7 @@ def main(argv=None) -> dict:
                     help="test: only rows in the artifact's test split, by conversation or prompt as its "
                          "metadata records (for the training data)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    ap.add_argument("--dtype", default="auto", help="the encoder's dtype (auto: bf16 where the CPU computes it natively)")
     ap.add_argument("--online", action="store_true",
                     help="replay the rows in order as the serving refresh would: predict each block of rows, then "
                          "learn from their true lengths and refit; kendall_tau (and the other metrics) are over the "
@@ -95,7 +98,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    predictor = LengthPredictor(args.artifact)
+    predictor = LengthPredictor(args.artifact, dtype=args.dtype)
     meta = predictor.meta
     rows = []
     for spec in args.data:
@@ -123,7 +126,9 @@ def main(argv=None) -> dict:
         "constant_mean": proxy_metrics(np.full(len(true), meta.get("train_mean_length", true.mean())), true, edges),
         "prompt_length": proxy_metrics(plen, true, edges),
     }
-    report["artifact"] = {"name": args.artifact, "objective": meta.get("objective"), "encoder": meta["encoder"]}
+    report["artifact"] = {"name": args.artifact, "objective": meta.get("objective"), "encoder": meta["encoder"],
+                          "served_dtype": predictor.encoder.dtype_name}
+    report["machine"] = machine()
     return emit(report, args.out)
 
 
