@@ -95,3 +95,47 @@ def test_eval_proxy_online_reports_second_half_and_frozen_tau(tmp_path):
     assert report["n"] == 120  # the second half
     assert report["kendall_tau"] >= report["frozen_kendall_tau"]
     assert len(report["windows"]) == 8 and report["refits"]["every_rows"] == 40
+
+
+def test_the_correction_travels_through_its_file_and_a_refresher_writes_it_only_when_swapped(tmp_path):
+    from ssjf.learner import CorrectionFile, Refresher
+
+    x, y = rows(600, 4, [0.1, 1.0, 0.0])
+    base = x[:, 0]  # the proxy's own (poor) log prediction, sent as the last column
+    served = np.hstack([x, base[:, None]]).astype(np.float32)
+    seen = []
+    refresher = Refresher(tmp_path / "proxy.npz", window=600, min_rows=32, on_refit=lambda s, v: seen.append((s, v)))
+    assert refresher.refresh() is False and not (tmp_path / "proxy.npz").exists()  # nothing learned yet
+    for xi, yi in zip(served[:400], y[:400]):
+        refresher.observe(xi, int(yi))
+    refresher.observe(np.zeros(1, np.float32), 5)  # the proxy had no features: ignored
+    assert refresher.refresh() is True and seen == [(True, 1)]
+    proxy_side = CorrectionFile(tmp_path / "proxy.npz", poll_s=0.0)
+    assert proxy_side.poll(dim=served.shape[1] + 1) is False  # another artifact's width: ignored
+    assert proxy_side.poll(dim=served.shape[1]) is True and proxy_side.version == 1
+    assert proxy_side.poll(dim=served.shape[1]) is False  # unchanged: not reloaded
+    corrected = proxy_side.apply(served[400:], base[400:])
+    assert kendall_tau(corrected, y[400:]) > kendall_tau(base[400:], y[400:]) + 0.3
+    # a restarted llm starts from the saved correction, not from the bare head
+    again = Refresher(tmp_path / "proxy.npz", window=600, min_rows=10_000)
+    again.observe(served[0], int(y[0]))
+    again.refresh()
+    assert again.head.version == 1 and again.head._fit is not None
+
+
+def test_the_served_proxy_sends_its_features_and_applies_a_correction(tmp_path):
+    from ssjf.learner import CorrectionFile
+    from ssjf.proxy import LengthPredictor
+
+    predictor = LengthPredictor("recorded")
+    lengths, served = predictor.predict_served(["Say hi.", "Write a long essay about rivers."])
+    assert served.shape[0] == 2 and served.dtype == np.float32
+    assert np.allclose(served[:, -1], predictor.head.predict_log(served[:, :-1]), atol=1e-5)
+    assert list(lengths) == list(predictor.predict(["Say hi.", "Write a long essay about rivers."]))
+    dim = served.shape[1]
+    fit = (np.zeros(dim, np.float32), np.ones(dim, np.float32), np.zeros(dim, np.float32), float(np.log(2.0)))
+    CorrectionFile(tmp_path / "c.npz").write(fit, 3)
+    correction = CorrectionFile(tmp_path / "c.npz", poll_s=0.0)
+    assert correction.poll(dim)
+    doubled, _ = predictor.predict_served(["Say hi.", "Write a long essay about rivers."], correction)
+    assert np.allclose(doubled, predictor.to_lengths(np.log(2.0) + served[:, -1]))  # + log 2: about twice

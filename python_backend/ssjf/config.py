@@ -63,6 +63,12 @@ def cache_dir(environ: dict[str, str] | None = None) -> Path:
     return Path(environ.get("SSJF_CACHE_DIR") or Path.home() / ".cache" / "ssjf")
 
 
+def refresh_path(configured: str = "") -> Path:
+    """The proxy correction's file: one per cache directory unless set (two servers with different
+    artifacts sharing a cache directory set their own; a file of another feature width is ignored)."""
+    return Path(configured) if configured else cache_dir() / "refresh" / "proxy.npz"
+
+
 @dataclass
 class EngineConfig:
     model: str = setting("smollm2", "the LLM: smollm2 (the packaged SmolLM2-135M-Instruct) or an HF folder / hub name")
@@ -90,6 +96,12 @@ class EngineConfig:
     num_threads: int = setting(0, "CPU threads for generation; 0: torch's default (torch runner), all cores but one (vllm)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
+    proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")
+    proxy_refresh_window: int = setting(2000, "proxy refresh: the recent finished requests it learns from")
+    proxy_refresh_interval_s: float = setting(30.0, "proxy refresh: seconds between refits")
+    proxy_refresh_min_rows: int = setting(64, "proxy refresh: finished requests needed before the first refit")
+    proxy_refresh_path: str = setting("", "where the correction is written (the proxy reads it there); "
+                                          "empty: $SSJF_CACHE_DIR/refresh/proxy.npz")
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -130,6 +142,8 @@ class ProxyConfig:
     device: str = setting("cpu", "cpu or cuda")
     dtype: str = setting("auto", "the encoder's dtype: auto (bf16 where the hardware runs it natively, else fp32), ...")
     num_threads: str = setting("auto", "auto: on CPU, the cores the LLM engine leaves free; a number: that many threads")
+    refresh: bool = setting(True, "apply the correction the llm learns from served traffic (EngineConfig.proxy_refresh)")
+    refresh_path: str = setting("", "the correction file; empty: $SSJF_CACHE_DIR/refresh/proxy.npz (the llm's default)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

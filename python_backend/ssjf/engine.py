@@ -62,6 +62,7 @@ class Engine:
         self.failure: BaseException | None = None  # set when the engine gave up
         self.crashes = 0
         self.on_death = on_death  # called once, from the engine thread, when it gives up
+        self.finished_hooks: list = []  # each called with every request that ends (engine thread; must not block)
 
     # ---- requests in ---------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -94,7 +95,7 @@ class Engine:
             predicted = None
         req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text), max_tokens=inputs.max_tokens,
                       sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
-                      predicted_length=predicted,
+                      predicted_length=predicted, features=inputs.features,
                       **({} if arrival_time is None else {"arrival_time": arrival_time}))
         self.add_request(req, timeout_s)
         return req
@@ -272,6 +273,11 @@ class Engine:
         req.finish_time = self.clock()
         req.detok = None
         self.metrics.finished(req)  # before the final send: a client that sees the end sees the metric
+        for hook in self.finished_hooks:
+            try:
+                hook(req)
+            except Exception:
+                log.exception("a finished-request hook failed")
         try:
             if error is not None:
                 req.sink.error(error)

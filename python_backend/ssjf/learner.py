@@ -10,15 +10,30 @@ regression on a bounded window of recent rows. The prior is the shipped head its
 correction), so few rows change little. A refit is swapped in only when, on recent rows held back
 from the fit, it ranks at least as well as the head in use; the swap is one reference assignment,
 so predicting never takes a lock. Memory is bounded by the window.
+
+In the server the two halves live in Triton's two processes. The length_predictor knows each
+prompt's features; the llm knows, when the request ends, its true length. So the proxy sends its
+features on with the request (the `proxy_features` tensor, the head's own prediction last: a few
+KB per request, and nothing to match up later), the llm's `Refresher` learns and, when a refit is
+swapped in, writes the correction to one file (`CorrectionFile`, written whole then renamed),
+and the proxy reloads it when the file changes (a stat at most once a second). Nothing on either
+request path waits for a refit.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
+
+
+log = logging.getLogger(__name__)
 
 
 def kendall_tau(pred, true) -> float:
@@ -116,3 +131,116 @@ class OnlineHead:
             self._fit = self._ridge(x, y - base, best)  # the chosen L2, refitted on every row
             self.version += 1
             return True
+
+
+class LastColumn:
+    """The base head as the llm sees it: the proxy's own log prediction, the features' last column."""
+
+    def predict_log(self, x: np.ndarray) -> np.ndarray:
+        return np.atleast_2d(x)[:, -1].astype(np.float64)
+
+
+def fit_arrays(fit, version: int) -> dict[str, np.ndarray]:
+    mean, std, coef, bias = fit
+    return {"mean": mean, "std": std, "coef": coef, "bias": np.float64(bias), "version": np.int64(version)}
+
+
+class CorrectionFile:
+    """The refreshed correction on disk, shared by the llm (writes) and the length_predictor (reads)."""
+
+    def __init__(self, path: Path, poll_s: float = 1.0):
+        self.path, self.poll_s = Path(path), poll_s
+        self._next_poll, self._mtime = 0.0, None
+        self.fit, self.version = None, 0
+
+    def write(self, fit, version: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **fit_arrays(fit, version))
+        os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
+
+    def poll(self, dim: int) -> bool:
+        """Reload when the file changed (at most every poll_s); True when a new correction was taken.
+        A file for features of another width (another artifact) is ignored."""
+        now = time.monotonic()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_s
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return False
+        if mtime == self._mtime:
+            return False
+        try:
+            with np.load(self.path) as data:
+                fit = (data["mean"], data["std"], data["coef"], float(data["bias"]))
+                version = int(data["version"])
+        except Exception as exc:  # noqa: BLE001  a broken file leaves the correction in use
+            self._mtime = mtime
+            log.warning("proxy correction %s unreadable: %s", self.path, exc)
+            return False
+        if len(fit[0]) != dim:
+            return False
+        self._mtime = mtime
+        self.fit, self.version = fit, version
+        return True
+
+    def apply(self, x: np.ndarray, base_log: np.ndarray) -> np.ndarray:
+        fit = self.fit
+        if fit is None:
+            return base_log
+        mean, std, coef, bias = fit
+        return base_log + ((x - mean) / std) @ coef + bias
+
+
+class Refresher:
+    """The llm side: finished requests' features and true lengths in, a refit every interval_s on a
+    thread of its own, and the correction written out when one is swapped in."""
+
+    def __init__(self, path: Path, window: int = 2000, interval_s: float = 30.0, min_rows: int = 64,
+                 on_refit=None):
+        self.head = OnlineHead(LastColumn(), window=window, min_rows=min_rows)
+        self.file = CorrectionFile(path)
+        self.interval_s = interval_s
+        self.on_refit = on_refit  # called with (swapped: bool, version) after each refit that ran
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ssjf-refresh", daemon=True)
+        self._seen = 0
+
+    def start(self) -> "Refresher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def observe(self, features, true_length: int) -> None:
+        if features is not None and len(features) > 1:
+            self.head.observe(features, true_length)
+            self._seen += 1
+
+    def refresh(self) -> bool:
+        if self._seen == 0:
+            return False
+        self._seen = 0
+        if self.head._fit is None and self.head.rows and self.file.poll(len(self.head.rows[-1][0])):
+            # the correction a previous run saved (the proxy serves it): the one to beat
+            self.head._fit, self.head.version = self.file.fit, self.file.version
+        rows = len(self.head.rows)
+        if rows < self.head.min_rows:
+            return False
+        swapped = self.head.refit()
+        if swapped:
+            self.file.write(self.head._fit, self.head.version)
+        if self.on_refit is not None:
+            self.on_refit(swapped, self.head.version)
+        return swapped
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001  a failed refit keeps the head in use
+                log.exception("proxy refresh failed")

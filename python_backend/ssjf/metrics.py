@@ -29,6 +29,8 @@ class Metrics:
 
     def proxy_fallback(self) -> None: ...
 
+    def refit(self, swapped: bool, version: int) -> None: ...
+
 
 class TritonMetrics(Metrics):
     def __init__(self, pb_utils, policy: str, run=None, rank_window: int = 500, rank_every: int = 16):
@@ -51,6 +53,8 @@ class TritonMetrics(Metrics):
                       mf.GAUGE),
             "mae": mf("ssjf_proxy_mae_tokens", "Mean absolute length error in tokens, last finished requests", mf.GAUGE),
             "ranked": mf("ssjf_proxy_window_requests", "Finished requests the rank gauges are over", mf.GAUGE),
+            "version": mf("ssjf_proxy_head_version", "Proxy corrections learned from traffic and swapped in", mf.GAUGE),
+            "refits": mf("ssjf_proxy_refits_total", "Proxy refits, by result (swapped, kept)", mf.COUNTER),
         }
         f = self.families
         self.queue = f["queue"].Metric(labels=labels)
@@ -60,7 +64,8 @@ class TritonMetrics(Metrics):
         self.ttft = f["ttft"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.jct = f["jct"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.error = f["error"].Metric(labels=labels, buckets=ERROR_BUCKETS)
-        self.tau, self.mae, self.ranked = (f[k].Metric(labels=labels) for k in ("tau", "mae", "ranked"))
+        self.tau, self.mae, self.ranked, self.version = (f[k].Metric(labels=labels)
+                                                         for k in ("tau", "mae", "ranked", "version"))
         self.window = RankWindow(rank_window)
         self._rank_every, self._since_rank = rank_every, 0
         self._policy = policy
@@ -106,6 +111,11 @@ class TritonMetrics(Metrics):
 
     def rejected(self, reason: str) -> None:
         self._run(self._counter("rejected", "field", reason).increment, 1)
+
+    def refit(self, swapped: bool, version: int) -> None:
+        """The proxy refresh ran a refit (from its own thread)."""
+        self._run(self._counter("refits", "result", "swapped" if swapped else "kept").increment, 1)
+        self._run(self.version.set, version)
 
     def proxy_fallback(self) -> None:
         self._run(self.fallbacks.increment, 1)

@@ -379,6 +379,16 @@ class LengthPredictor:
         """Predicted lengths (int32, >= 1)."""
         return self.to_lengths(self.predict_log(texts, models, cached))
 
+    def predict_served(self, texts: list[str], correction=None) -> tuple[np.ndarray, np.ndarray]:
+        """What the served proxy answers: lengths after the refreshed correction (a
+        learner.CorrectionFile, or None), and the features it sends on to the llm (the head's input,
+        then the head's own log prediction) so that the llm can learn from the true lengths."""
+        x = self.features(texts)
+        base = self.head.predict_log(x)
+        served = np.hstack([x, base[:, None]]).astype(np.float32)
+        log_lengths = base if correction is None else correction.apply(served, base)
+        return self.to_lengths(log_lengths), served
+
 
 def save_artifact(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

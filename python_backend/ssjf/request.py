@@ -40,6 +40,7 @@ class LLMInputs:
     temperature: float = 0.0
     predicted_length: int | None = None  # the proxy's; < 1 means it had none
     text_bytes: int = 0  # the prompt's size as sent, for max_prompt_bytes
+    features: Any = None  # the proxy's features (numpy, float32), for the proxy refresh (learner.py)
 
     def __post_init__(self):
         if not self.text_bytes:
@@ -68,6 +69,7 @@ class Request:
     finish_reason: str | None = None
     text: str = ""  # detokenized output so far
     detok: Any = field(default=None, repr=False)  # the engine's IncrementalDetokenizer while it runs
+    features: Any = field(default=None, repr=False)  # the proxy's features, when the ensemble sent them
 
     @property
     def prompt_len(self) -> int:

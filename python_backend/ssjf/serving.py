@@ -15,7 +15,8 @@ import numpy as np
 from .engine import RequestError
 from .request import LLMInputs
 
-LLM_INPUTS = ("text_input", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature")
+LLM_INPUTS = ("text_input", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature", "proxy_features")
+INTERNAL = ("predicted_length", "proxy_features")  # what the ensemble's proxy step adds
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -50,7 +51,7 @@ def check_parameters(parameters: str | dict | None) -> None:
     if params:
         raise RequestError(
             f"parameters: unknown request parameter(s) {', '.join(sorted(map(repr, params)))}; "
-            f"the inputs are {', '.join(n for n in LLM_INPUTS if n != 'predicted_length')}"
+            f"the inputs are {', '.join(n for n in LLM_INPUTS if n not in INTERNAL)}"
         )
 
 
@@ -74,4 +75,7 @@ def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
     temperature = _scalar("temperature", arrays.get("temperature"))
     if temperature is not None:
         parsed.temperature = float(temperature)
+    features = arrays.get("proxy_features")
+    if features is not None and features.size > 1:  # one column: the proxy had none for this prompt
+        parsed.features = np.asarray(features, dtype=np.float32).reshape(-1)
     return parsed

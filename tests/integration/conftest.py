@@ -18,7 +18,10 @@ def pytest_collection_modifyitems(items):
 def server(tmp_path_factory):
     log = Path(tmp_path_factory.mktemp("triton")) / "tritonserver.log"
     # the tests rely on these engine settings, whatever the caller's environment says
-    env = dict(os.environ, SSJF_POLICY="ssjf", SSJF_BATCHING="continuous", SSJF_MAX_BATCH_SIZE="16")
+    env = dict(os.environ, SSJF_POLICY="ssjf", SSJF_BATCHING="continuous", SSJF_MAX_BATCH_SIZE="16",
+               # the proxy refresh, fast, on a file of its own (never the cache dir make serve reads)
+               SSJF_PROXY_REFRESH="1", SSJF_PROXY_REFRESH_INTERVAL_S="1", SSJF_PROXY_REFRESH_MIN_ROWS="16",
+               SSJF_PROXY_REFRESH_PATH=str(log.parent / "refresh" / "proxy.npz"))
     srv = TritonServer(ServerConfig.on_free_ports(), env=env, log_path=log)
     srv.start(timeout=240)
     yield srv

@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -310,6 +311,29 @@ def test_the_proxys_rank_quality_on_live_traffic_is_published(server):
     assert after['ssjf_proxy_window_requests{policy="ssjf"}'] >= 16
     assert -1.0 <= after['ssjf_proxy_kendall_tau{policy="ssjf"}'] <= 1.0
     assert after['ssjf_proxy_mae_tokens{policy="ssjf"}'] > 0
+
+
+def test_the_proxy_learns_from_the_requests_it_served(server):
+    """The proxy's features travel with each request through the ensemble to the llm, which learns
+    from the true lengths and refits; a swapped-in correction reaches the proxy through its file."""
+    before = _metrics(server).get('ssjf_proxy_refits_total{policy="ssjf",result="kept"}', 0) + \
+        _metrics(server).get('ssjf_proxy_refits_total{policy="ssjf",result="swapped"}', 0)
+    with SSJFClient(server.grpc_url) as client:
+        for i in range(24):  # lengths the shipped proxy cannot know: set by the client, by prompt kind
+            essay = i % 2 == 0
+            prompt = f"Write an essay about topic {i}." if essay else f"Answer in one word: item {i}?"
+            assert client.generate(prompt, max_tokens=12 if essay else 2, ignore_eos=True).ok
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = _metrics(server)
+        refits = sum(v for k, v in after.items() if k.startswith("ssjf_proxy_refits_total"))
+        if refits > before:
+            break
+        time.sleep(0.5)
+    assert refits > before, "no refit ran: the llm got no features from the ensemble"
+    version = after['ssjf_proxy_head_version{policy="ssjf"}']
+    path = Path(server.env["SSJF_PROXY_REFRESH_PATH"])
+    assert path.exists() == (version >= 1)
 
 
 def test_admin_apis_need_the_key_and_inference_does_not(server):

@@ -217,6 +217,15 @@ def summarize(jobs: list[Job], lengths: list[int]) -> dict:
     }
 
 
+def fresh_refresh(args) -> dict[str, str]:
+    """Every server starts from the shipped proxy: its own empty correction file, so nothing one
+    policy's run learned carries into another's."""
+    import tempfile
+
+    return {"SSJF_PROXY_REFRESH": "1" if args.proxy_refresh else "0",
+            "SSJF_PROXY_REFRESH_PATH": str(Path(tempfile.mkdtemp(prefix="ssjf-refresh-")) / "proxy.npz")}
+
+
 def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> tuple[dict, list[Job]]:
     from ssjf.server import ServerConfig, TritonServer
 
@@ -227,7 +236,7 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
                SSJF_MAX_BYPASS_RATIO=str(args.max_bypass_ratio),
                SSJF_MAX_SEQ_LEN=str(args.max_seq_len),
                # trace replay's max_tokens *is* the true length: SSJF must not read it
-               SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0")
+               SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0", **fresh_refresh(args))
     log = Path(args.out).with_suffix(f".{batching}.{policy}.log") if args.out else None
     if args.url:
         replay(args.url, jobs, not args.natural, args.timeout)
@@ -430,6 +439,7 @@ def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: 
     ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
     # batch 8: a 2-core CPU queues at a load it can finish in minutes
     config_args(ap, ["max_batch_size", "max_seq_len"], max_batch_size=8)
+    config_args(ap, ["proxy_refresh"])
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "

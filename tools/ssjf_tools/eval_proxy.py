@@ -35,19 +35,22 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
 
 def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_every: int, window: int,
                   windows: int = 8) -> dict:
-    """The serving refresh, offline: each block of rows is predicted by the head in use, then its
-    true lengths are learned and the head refitted (ssjf.learner.OnlineHead)."""
-    from ssjf.learner import OnlineHead
+    """The serving refresh, offline, with the server's own learner: each block of rows is predicted
+    by the head in use, then its true lengths are learned and the head refitted
+    (ssjf.learner.OnlineHead over the features the proxy sends, its own prediction last)."""
+    from ssjf.learner import LastColumn, OnlineHead
 
-    head = OnlineHead(predictor.head, window=window)
+    base = predictor.head.predict_log(x)
+    served = np.hstack([x, base[:, None]]).astype(np.float32)  # what the proxy sends the llm
+    head = OnlineHead(LastColumn(), window=window)
     pred_log = np.empty(len(true))
     for start in range(0, len(true), refresh_every):
         block = slice(start, start + refresh_every)
-        pred_log[block] = head.predict_log(x[block])
-        for xi, n in zip(x[block], true[block]):
+        pred_log[block] = head.predict_log(served[block])
+        for xi, n in zip(served[block], true[block]):
             head.observe(xi, int(n))
         head.refit()
-    online, frozen = predictor.to_lengths(pred_log), predictor.to_lengths(predictor.head.predict_log(x))
+    online, frozen = predictor.to_lengths(pred_log), predictor.to_lengths(base)
     half = slice(len(true) // 2, None)
     report = proxy_metrics(online[half], true[half], edges)
     report["frozen_kendall_tau"] = proxy_metrics(frozen[half], true[half], edges)["kendall_tau"]

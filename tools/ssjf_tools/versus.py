@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import (Job, combine_rounds, load_workload, relative_times, replay, round_arrivals, sjf_limit, summarize,
+from .bench import (Job, combine_rounds, fresh_refresh, load_workload, relative_times, replay, round_arrivals, sjf_limit, summarize,
                     wait_for_jobs, workload_args, write_aiperf_input, write_report)
 
 VLLM_CONTENDERS = {"vllm-fcfs": "fcfs", "vllm-priority": "priority"}
@@ -205,7 +205,8 @@ def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tu
         env = dict(os.environ, SSJF_POLICY=policy, SSJF_BATCHING="continuous", SSJF_RUNNER=runner,
                    SSJF_DTYPE=args.dtype, SSJF_MAX_BATCH_SIZE=str(args.max_batch_size),
                    SSJF_MAX_SEQ_LEN=str(args.max_seq_len), SSJF_PROXY_ARTIFACT=args.artifact,
-                   SSJF_KV_CACHE_GIB=f"{args.kv_cache_gib:g}", SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0")
+                   SSJF_KV_CACHE_GIB=f"{args.kv_cache_gib:g}", SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0",
+                   **fresh_refresh(args))
         server = start_triton(env, log)
         try:
             replay(server.grpc_url, [Job(-1, "Hello!", 4, 0.0)], True, 120)

@@ -4,8 +4,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ssjf.config import ProxyConfig
+from ssjf.config import ProxyConfig, refresh_path
 from ssjf.cpus import bind_process, service_cpus
+from ssjf.learner import CorrectionFile
 from ssjf.proxy import LengthPredictor
 from ssjf.serving import model_parameters
 
@@ -22,6 +23,9 @@ class TritonPythonModel:
         self.failed_once = False
         self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
+        # the correction the llm learns from served traffic (ssjf.learner), reloaded when it changes
+        self.correction = CorrectionFile(refresh_path(config.refresh_path)) if config.refresh else None
+        self.width = self.predictor.features([""]).shape[1] + 1
         pb_utils.Logger.log_info(f"length_predictor ready: artifact={config.artifact} "
                                  f"dtype={self.predictor.encoder.dtype_name} threads={torch.get_num_threads()}")
 
@@ -32,15 +36,19 @@ class TritonPythonModel:
             texts.extend(r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r) for r in rows)
             counts.append(len(rows))
         try:
-            predicted = self.predictor.predict(texts)
+            if self.correction is not None and self.correction.poll(self.width):
+                pb_utils.Logger.log_info(f"length_predictor: correction version {self.correction.version} loaded")
+            predicted, features = self.predictor.predict_served(texts, self.correction)
         except Exception as exc:  # 0 means "unknown": the LLM queue serves these with its fallback key
             if not self.failed_once:
                 pb_utils.Logger.log_error(f"length_predictor failed, falling back: {exc}")
                 self.failed_once = True
             predicted = np.zeros(len(texts), np.int32)
+            features = np.zeros((len(texts), 1), np.float32)  # one column: "none" to the llm's learner
         responses, start = [], 0
         for n in counts:
-            out = pb_utils.Tensor("predicted_length", predicted[start : start + n].reshape(n, 1))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            out = [pb_utils.Tensor("predicted_length", predicted[start : start + n].reshape(n, 1)),
+                   pb_utils.Tensor("proxy_features", features[start : start + n])]
+            responses.append(pb_utils.InferenceResponse(output_tensors=out))
             start += n
         return responses

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ssjf.config import EngineConfig
+from ssjf.config import EngineConfig, refresh_path
 from ssjf.engine import Engine, RequestError
+from ssjf.learner import Refresher
 from ssjf.metrics import TritonMetrics
 from ssjf.responder import Responder
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
@@ -48,6 +49,13 @@ class TritonPythonModel:
         self.responder = Responder()  # sends, cancellation checks and metric updates, off the engine thread
         self.metrics = TritonMetrics(pb_utils, self.config.policy, run=self.responder.put)
         self.engine = Engine(self.config, metrics=self.metrics, on_death=self._engine_died)
+        self.refresher = None
+        if self.config.proxy_refresh:  # learn the proxy's correction from true lengths (ssjf.learner)
+            c = self.config
+            self.refresher = Refresher(refresh_path(c.proxy_refresh_path), c.proxy_refresh_window,
+                                       c.proxy_refresh_interval_s, c.proxy_refresh_min_rows,
+                                       on_refit=self.metrics.refit).start()
+            self.engine.finished_hooks.append(self._learn)
         self.engine.start()
         logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
 
@@ -70,6 +78,10 @@ class TritonPythonModel:
                 (sink or TritonSink(request, 0)).error(str(exc))
         return None
 
+    def _learn(self, req) -> None:
+        if req.features is not None and req.finish_reason in ("stop", "length"):
+            self.refresher.observe(req.features, len(req.output_ids))
+
     def _engine_died(self, exc: BaseException) -> None:
         """The engine gave up after max_engine_restarts crashes. Triton 2.51 has no call that marks a
         Python model not-ready, so stop the server gracefully (SIGTERM to tritonserver, our parent):
@@ -87,4 +99,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+        if self.refresher is not None:
+            self.refresher.stop()
         self.responder.stop()  # the final responses the engine queued while stopping
