@@ -38,6 +38,7 @@ class LoadSettings:
     azure_trace: str = ""  # that trace's CSV
     time_scale: float = 60.0  # how much the trace's time is compressed
     peak_users: int = 32  # users at the trace's busiest minute
+    system: str = ""  # set: every request is a conversation (`messages`) with this system prompt
 
 
 SETTINGS = load_settings(LoadSettings)
@@ -87,10 +88,14 @@ class SSJFUser(User):
         prompt, trace_len = random.choice(PROMPTS)
         start = time.time()
         LEDGER["sent"] += 1
+        chat = {}
+        if SETTINGS.system:
+            chat = {"messages": [{"role": "system", "content": SETTINGS.system}, {"role": "user", "content": prompt}]}
+            prompt = None
         if trace_len:
-            r = self.client.generate(prompt, max_tokens=min(trace_len, self.max_tokens), ignore_eos=True)
+            r = self.client.generate(prompt, max_tokens=min(trace_len, self.max_tokens), ignore_eos=True, **chat)
         else:
-            r = self.client.generate(prompt, max_tokens=self.max_tokens)
+            r = self.client.generate(prompt, max_tokens=self.max_tokens, **chat)
         fire = self.environment.events.request.fire
         error = None if r.ok else RuntimeError(r.error)
         fire(request_type="grpc", name="ttft", response_time=(r.ttft_s or r.jct_s or 0) * 1000,

@@ -1,5 +1,7 @@
 """Input conversion (serving.py) and the one admission path (Engine.submit), no Triton needed."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,41 @@ def test_an_oversized_prompt_is_refused_before_tokenization(engine, monkeypatch)
     monkeypatch.undo()
     with pytest.raises(RequestError, match="^text_input: the prompt has .* tokens; the context holds 256"):
         admit(engine, {"text_input": big})  # past the byte limit, the context decides
+
+
+def msgs(turns):
+    return np.array([[json.dumps(turns).encode()]], dtype=np.object_)
+
+
+def test_a_conversation_is_templated_whole_and_the_proxy_reads_its_last_user_turn(engine):
+    turns = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a river."}]
+    parsed = parse_llm_inputs({"messages": msgs(turns)})
+    assert parsed.text == "Name a river." and parsed.messages == turns
+    req = engine.submit(parsed, ListSink(), request_id="c")
+    want = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    assert req.prompt_ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert req.prompt_len > len(engine.encode_prompt("Name a river."))  # the history is in the prompt
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b"not json", "messages"),
+    (b"[]", "messages"),
+    (b'{"role": "user", "content": "hi"}', "messages"),
+    (b'[{"role": "user"}]', "messages\\[0\\]"),
+    (b'[{"role": "robot", "content": "hi"}]', "messages\\[0\\].role"),
+    (b'[{"role": "user", "content": 3}]', "messages\\[0\\].content"),
+    (b'[{"role": "user", "content": "hi", "name": "x"}]', "messages\\[0\\]"),
+    (b'[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]', "messages"),
+    (b'[{"role": "user", "content": "   "}]', "messages"),
+    (b"\xff\xfe", "messages"),
+])
+def test_bad_messages_name_the_field(engine, raw, field):
+    with pytest.raises(RequestError, match=f"^{field}:"):
+        admit(engine, {"messages": np.array([[raw]], dtype=np.object_)})
+    assert not engine._inbox
+
+
+def test_text_input_or_messages_not_both(engine):
+    with pytest.raises(RequestError, match="^messages: send text_input or messages, not both"):
+        admit(engine, {"text_input": text("hi"), "messages": msgs([{"role": "user", "content": "hi"}])})

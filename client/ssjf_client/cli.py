@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -11,7 +12,8 @@ from .client import SSJFClient
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssjf generate", description=__doc__)
-    ap.add_argument("prompt")
+    ap.add_argument("prompt", nargs="?", help="the prompt (or --messages)")
+    ap.add_argument("--messages", help="a conversation instead: JSON [{\"role\": ..., \"content\": ...}], or @FILE")
     ap.add_argument("--url", default=f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}", help="gRPC host:port")
     ap.add_argument("--model", default="ssjf", help="ssjf (the ensemble) or llm (direct, no proxy)")
     ap.add_argument("--max-tokens", type=int)
@@ -19,9 +21,14 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--no-stream", action="store_true", help="one response with the whole text")
     args = ap.parse_args(argv)
+    messages = None
+    if args.messages:
+        messages = json.loads(open(args.messages[1:]).read() if args.messages.startswith("@") else args.messages)
+    if (args.prompt is None) == (messages is None):
+        ap.error("give a prompt or --messages")
     with SSJFClient(args.url, args.model) as client:
         result = client.generate(args.prompt, args.max_tokens, args.ignore_eos or None, not args.no_stream,
-                                 args.temperature, on_text=lambda t: print(t, end="", flush=True))
+                                 args.temperature, on_text=lambda t: print(t, end="", flush=True), messages=messages)
     print()
     if not result.ok:
         print(f"error: {result.error}", file=sys.stderr)

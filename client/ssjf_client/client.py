@@ -4,6 +4,7 @@ response time - send time)."""
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 import urllib.request
@@ -29,16 +30,21 @@ class GenerateResult:
         return self.error is None
 
 
-def build_inputs(prompt: str, max_tokens: int | None = None, ignore_eos: bool | None = None,
-                 stream: bool = True, temperature: float | None = None, module=grpcclient) -> list:
-    """The ensemble's input tensors (batch dimension 1)."""
+def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
+                 stream: bool = True, temperature: float | None = None, module=grpcclient,
+                 messages: list[dict[str, str]] | None = None) -> list:
+    """The ensemble's input tensors (batch dimension 1): a prompt, or a conversation (`messages`:
+    [{"role": "system" | "user" | "assistant", "content": ...}], the last turn the user's)."""
     def tensor(name, value, dtype, triton_type):
         t = module.InferInput(name, [1, 1], triton_type)
         t.set_data_from_numpy(np.array([[value]], dtype=dtype))
         return t
 
-    inputs = [tensor("text_input", prompt.encode("utf-8"), np.object_, "BYTES"),
-              tensor("stream", stream, bool, "BOOL")]
+    inputs = [tensor("stream", stream, bool, "BOOL")]
+    if prompt is not None:
+        inputs.append(tensor("text_input", prompt.encode("utf-8"), np.object_, "BYTES"))
+    if messages is not None:
+        inputs.append(tensor("messages", json.dumps(messages).encode("utf-8"), np.object_, "BYTES"))
     if max_tokens is not None:
         inputs.append(tensor("max_tokens", max_tokens, np.int32, "INT32"))
     if ignore_eos is not None:
@@ -69,15 +75,17 @@ class SSJFClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, prompt: str, max_tokens: int | None = None, ignore_eos: bool | None = None,
+    def generate(self, prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, timeout: float = 600.0,
-                 on_text: Callable[[str], None] | None = None, deadline_s: float | None = None) -> GenerateResult:
-        """One request; `timeout` bounds the wait here, `deadline_s` is sent to the server, which ends
-        the request with a "deadline exceeded" error once it has run that long (ensemble included)."""
+                 on_text: Callable[[str], None] | None = None, deadline_s: float | None = None,
+                 messages: list[dict[str, str]] | None = None) -> GenerateResult:
+        """One request: a prompt, or (prompt None) a conversation in `messages`; `timeout` bounds the
+        wait here, `deadline_s` is sent to the server, which ends the request with a "deadline
+        exceeded" error once it has run that long (ensemble included)."""
         result = GenerateResult()
         start = time.perf_counter()
         self.client.async_stream_infer(
-            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature),
+            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages),
             enable_empty_final_response=True, timeout=int(deadline_s * 1e6) if deadline_s else None,
         )
         deadline = start + timeout

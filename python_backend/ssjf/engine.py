@@ -65,12 +65,15 @@ class Engine:
         self.finished_hooks: list = []  # each called with every request that ends (engine thread; must not block)
 
     # ---- requests in ---------------------------------------------------------------
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of a prompt (one user turn) or a whole conversation, in the model's chat template."""
         if self.config.chat_template and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+                messages or [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if messages:
+            raise RequestError("messages: this model has no chat template (chat_template is off or missing)")
         return self.tokenizer.encode(text)
 
     def submit(self, inputs: LLMInputs, sink, *, request_id: str = "", arrival_time: float | None = None,
@@ -86,14 +89,15 @@ class Engine:
         if limit and inputs.text_bytes > limit:
             raise RequestError(f"text_input: {inputs.text_bytes} bytes is over the limit of {limit} (max_prompt_bytes)")
         if not inputs.text.strip():
-            raise RequestError("text_input: the prompt is empty")
+            raise RequestError("messages: the last user turn is empty" if inputs.messages else "text_input: the prompt is empty")
         if not math.isfinite(inputs.temperature) or inputs.temperature < 0:
             raise RequestError(f"temperature: must be a finite number >= 0, got {inputs.temperature}")
         predicted = inputs.predicted_length
         if predicted is not None and predicted < 1:  # the proxy's "no prediction" (it failed on this prompt)
             self.metrics.proxy_fallback()
             predicted = None
-        req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text), max_tokens=inputs.max_tokens,
+        req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text, inputs.messages),
+                      max_tokens=inputs.max_tokens,
                       sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
                       predicted_length=predicted, features=inputs.features,
                       **({} if arrival_time is None else {"arrival_time": arrival_time}))

@@ -41,6 +41,7 @@ class LLMInputs:
     predicted_length: int | None = None  # the proxy's; < 1 means it had none
     text_bytes: int = 0  # the prompt's size as sent, for max_prompt_bytes
     features: Any = None  # the proxy's features (numpy, float32), for the proxy refresh (learner.py)
+    messages: list[dict[str, str]] | None = None  # a conversation (text is then its last user turn)
 
     def __post_init__(self):
         if not self.text_bytes:

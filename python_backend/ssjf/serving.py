@@ -15,7 +15,9 @@ import numpy as np
 from .engine import RequestError
 from .request import LLMInputs
 
-LLM_INPUTS = ("text_input", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature", "proxy_features")
+LLM_INPUTS = ("text_input", "messages", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature",
+              "proxy_features")
+ROLES = ("system", "user", "assistant")
 INTERNAL = ("predicted_length", "proxy_features")  # what the ensemble's proxy step adds
 
 
@@ -55,13 +57,51 @@ def check_parameters(parameters: str | dict | None) -> None:
         )
 
 
+def parse_messages(raw) -> list[dict[str, str]]:
+    """The `messages` input: a JSON list of {"role", "content"} turns, the last one the user's."""
+    if isinstance(raw, (bytes, np.bytes_)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"messages: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        turns = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"messages: not valid JSON ({exc})") from None
+    if not isinstance(turns, list) or not turns:
+        raise RequestError("messages: expected a non-empty JSON list of {\"role\", \"content\"} objects")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} or "role" not in turn or "content" not in turn:
+            raise RequestError(f"messages[{i}]: expected an object with exactly \"role\" and \"content\"")
+        if turn["role"] not in ROLES:
+            raise RequestError(f"messages[{i}].role: {turn['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str):
+            raise RequestError(f"messages[{i}].content: expected a string")
+    if turns[-1]["role"] != "user":
+        raise RequestError("messages: the last turn must be the user's (the model answers it)")
+    return turns
+
+
+def prompt_of(messages: list[dict[str, str]]) -> str:
+    """What the proxy reads of a conversation: its last user turn."""
+    return messages[-1]["content"]
+
+
 def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
     """One request's input tensors as Python values."""
     text = _scalar("text_input", arrays.get("text_input"))
-    if text is None:
-        raise RequestError("text_input: missing")
-    size = len(text) if isinstance(text, (bytes, np.bytes_)) else 0
-    parsed = LLMInputs(text=decode_text(text), text_bytes=size)
+    raw_messages = _scalar("messages", arrays.get("messages"))
+    if text is not None and raw_messages is not None:
+        raise RequestError("messages: send text_input or messages, not both")
+    if raw_messages is not None:
+        messages = parse_messages(raw_messages)
+        size = len(raw_messages) if isinstance(raw_messages, (bytes, np.bytes_)) else 0
+        parsed = LLMInputs(text=prompt_of(messages), text_bytes=size, messages=messages)
+    elif text is None:
+        raise RequestError("text_input: missing (send text_input, or messages for a conversation)")
+    else:
+        size = len(text) if isinstance(text, (bytes, np.bytes_)) else 0
+        parsed = LLMInputs(text=decode_text(text), text_bytes=size)
     for name in ("max_tokens", "predicted_length"):
         value = _scalar(name, arrays.get(name))
         if value is not None:

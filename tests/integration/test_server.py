@@ -57,6 +57,20 @@ def test_http_generate_stream_sends_a_response_per_token(server):
     assert "".join(e["text_output"] for e in events).strip()
 
 
+def test_a_conversation_goes_through_the_ensemble_over_grpc_and_http(server):
+    turns = [{"role": "system", "content": "Answer with the city only."},
+             {"role": "user", "content": "What is the capital of France?"}]
+    with SSJFClient(server.grpc_url) as client:
+        r = client.generate(None, max_tokens=8, messages=turns)
+        bad = client.generate(None, max_tokens=8, messages=[{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}])
+    assert r.ok, r.error
+    assert "Paris" in r.text and r.predicted_length >= 1
+    assert not bad.ok and "messages: the last turn must be the user's" in bad.error
+    with post(f"{server.http_url}/v2/models/ssjf/generate", {"messages": json.dumps(turns), "max_tokens": 8}) as resp:
+        assert "Paris" in json.loads(resp.read())["text_output"]
+
+
 def test_many_concurrent_streams_all_finish(server):
     n = 12
     results = [None] * n

@@ -8,7 +8,26 @@ from ssjf.config import ProxyConfig, refresh_path
 from ssjf.cpus import bind_process, service_cpus
 from ssjf.learner import CorrectionFile
 from ssjf.proxy import LengthPredictor
-from ssjf.serving import model_parameters
+from ssjf.engine import RequestError
+from ssjf.serving import model_parameters, parse_messages, prompt_of
+
+
+def prompts(request) -> list[str]:
+    """The text the proxy reads: text_input, or a conversation's last user turn. A malformed input
+    still gets a prediction; the llm answers it with the error."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+    if tensor is not None:
+        return [r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r)
+                for r in tensor.as_numpy().reshape(-1)]
+    tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+    rows = [] if tensor is None else tensor.as_numpy().reshape(-1)
+    out = []
+    for raw in rows:
+        try:
+            out.append(prompt_of(parse_messages(raw)))
+        except RequestError:
+            out.append("")
+    return out or [""]
 
 
 class TritonPythonModel:
@@ -32,8 +51,8 @@ class TritonPythonModel:
     def execute(self, requests):
         texts, counts = [], []
         for request in requests:
-            rows = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
-            texts.extend(r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r) for r in rows)
+            rows = prompts(request)
+            texts.extend(rows)
             counts.append(len(rows))
         try:
             if self.correction is not None and self.correction.poll(self.width):
