@@ -67,6 +67,15 @@ def _loss(objective: str, pred: torch.Tensor, t: torch.Tensor, labels: torch.Ten
     return rank + torch.nn.functional.mse_loss(s, t) if objective == "hybrid" else rank
 
 
+def pooled_targets(prompts: list[str], y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each selected row's target replaced by the mean of y over the selected rows with its prompt."""
+    sums: dict[str, list[float]] = {}
+    for p, v, keep in zip(prompts, y, rows):
+        if keep:
+            sums.setdefault(p, []).append(v)
+    return np.array([np.mean(sums[p]) if keep else v for p, v, keep in zip(prompts, y, rows)])
+
+
 def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              hidden: int = 256, epochs: int = 60, lr: float = 1e-3, weight_decay: float = 1e-4,
              seed: int = 0) -> tuple[dict[str, np.ndarray], float]:
@@ -220,6 +229,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tokenizer", default="smollm2", help="the served model whose tokens measure length")
     ap.add_argument("--condition-on-model", action="store_true", help="one-hot of the answering model as a feature")
+    ap.add_argument("--pool-models", action="store_true",
+                    help="train on each prompt's mean log length over every answer it has (several models' answers "
+                         "in AlpacaEval): the prompt's expected length, less noisy than one sample; tests stay per row")
     ap.add_argument("--target-model", default="", help="the model whose lengths serving predicts (conditioning)")
     ap.add_argument("--eval-models", default="", help="comma list: test metrics only on rows from these models")
     ap.add_argument("--test-fraction", type=float, default=0.2)
@@ -261,10 +273,11 @@ def main(argv=None) -> dict:
     if args.eval_models:
         eval_rows &= np.isin([r.model for r in rows], args.eval_models.split(","))
     edges = np.quantile(lengths[train], [0.2, 0.4, 0.6, 0.8]).tolist()
+    y_fit = pooled_targets(prompts, y, train) if args.pool_models else y
     results, heads = {}, {}
     for objective in OBJECTIVES if args.objective == "auto" else (args.objective,):
         t0 = time.time()
-        arrays, val_tau = fit_head(objective, x[train], y[train], x[val], y[val], args.hidden, args.epochs,
+        arrays, val_tau = fit_head(objective, x[train], y_fit[train], x[val], y[val], args.hidden, args.epochs,
                                    seed=args.seed)
         pred = np.expm1(Head(arrays).predict_log(x[eval_rows]))
         results[objective] = {"val_kendall_tau": val_tau, **proxy_metrics(pred, lengths[eval_rows], edges),
