@@ -132,7 +132,7 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2), ("int8", 3e-2)])
 def test_fast_bert_matches_transformers(dtype, tol):
     """The lean inference path embeds as transformers' BertModel does, padding and all."""
     import torch
@@ -153,6 +153,19 @@ def test_fast_bert_matches_transformers(dtype, tol):
     assert enc.warm_up() > 0  # every width up to max_length, through the lean path
     with torch.no_grad():
         torch.testing.assert_close(enc.forward(texts)[0], fast, atol=tol, rtol=0)
+
+
+def test_the_encoder_dtype_follows_the_hardware_whatever_the_artifact_was_trained_in(monkeypatch):
+    import ssjf.cpus
+    from ssjf.proxy import encoder_dtype
+
+    minilm = {"name": "minilm", "dtype": "bfloat16"}
+    monkeypatch.setattr(ssjf.cpus, "native_bf16", lambda: True)
+    assert encoder_dtype("auto", "cpu", minilm) == "bfloat16"
+    monkeypatch.setattr(ssjf.cpus, "native_bf16", lambda: False)  # an AVX2-only CPU: bf16 would be emulated
+    assert encoder_dtype("auto", "cpu", minilm) == "int8"
+    assert encoder_dtype("auto", "cpu", {"name": "smollm2", "dtype": "bfloat16"}) == "float32"  # not BERT-family
+    assert encoder_dtype("float32", "cpu", minilm) == "float32"  # an explicit setting wins
 
 
 def test_finetune_that_does_not_beat_the_frozen_encoder_is_not_shipped(synthetic, tmp_path):

@@ -140,13 +140,14 @@ class EngineConfig:
 class ProxyConfig:
     artifact: str = setting("smollm2", "smollm2: SmolLM2's own lengths; recorded: the datasets' (trace replay); or a .npz")
     device: str = setting("cpu", "cpu or cuda")
-    dtype: str = setting("auto", "the encoder's dtype: auto (bf16 where the hardware runs it natively, else fp32), ...")
+    dtype: str = setting("auto", "the encoder's: auto (bf16 where the hardware computes it natively, else int8 matrix "
+                                 "products on CPU for MiniLM, else fp32), bfloat16, float32, int8")
     num_threads: str = setting("auto", "auto: on CPU, the cores the LLM engine leaves free; a number: that many threads")
     refresh: bool = setting(True, "apply the correction the llm learns from served traffic (EngineConfig.proxy_refresh)")
     refresh_path: str = setting("", "the correction file; empty: $SSJF_CACHE_DIR/refresh/proxy.npz (the llm's default)")
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES + ("int8",):
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.num_threads != "auto" and not str(self.num_threads).isdigit():
             raise ValueError(f"num_threads: auto or a number, got {self.num_threads!r}")
