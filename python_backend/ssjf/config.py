@@ -93,7 +93,8 @@ class EngineConfig:
     max_engine_restarts: int = setting(3, "engine-loop crashes survived (in-flight requests fail) before giving up")
     exit_on_engine_death: bool = setting(True, "stop tritonserver when the engine gives up, so it is replaced")
     chat_template: bool = setting(True, "wrap prompts in the model's chat template")
-    num_threads: int = setting(0, "CPU threads for generation; 0: torch's default (torch runner), all cores but one (vllm)")
+    num_threads: int = setting(0, "CPU cores for generation, bound to the engine thread; 0: all but one (the last "
+                                  "serves Triton, the proxy and the sends)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
     proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")

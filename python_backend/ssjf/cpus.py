@@ -85,6 +85,34 @@ def service_cpus() -> set[int]:
     return set(cores[len(engine_cpus()):]) or set(cores)
 
 
+class EngineThreads:
+    """The engine's compute cores (engine_cpus), bound to the thread that steps the runner: its
+    OpenMP team then runs on them, off the core left to Triton, the proxy and the responder.
+    OpenMP's thread count is per thread, so this happens once per stepping thread, at its first
+    step. None on CUDA."""
+
+    def __init__(self, num_threads: int, device: str = "cpu"):
+        import threading
+
+        self.cpus = engine_cpus(num_threads) if str(device).startswith("cpu") else None
+        self._bound: int | None = None
+        self._ident = threading.get_ident
+
+    def bind(self) -> bool:
+        """Bind the calling thread once; True when it was bound now."""
+        if self.cpus is None or self._bound == self._ident():
+            return False
+        import torch
+
+        try:
+            os.sched_setaffinity(0, self.cpus)  # this thread; the team it forks inherits it
+        except OSError:
+            pass
+        torch._C.set_num_threads(len(self.cpus))  # vLLM replaces torch.set_num_threads with a no-op
+        self._bound = self._ident()
+        return True
+
+
 def bind_process(cpus: set[int]) -> None:
     """Every thread of this process onto cpus (threads started later inherit it)."""
     for tid in os.listdir("/proc/self/task"):

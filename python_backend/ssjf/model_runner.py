@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import EngineConfig
-from .cpus import resolve_dtype
+from .cpus import EngineThreads, resolve_dtype
 from .request import Request
 from .runner import StepOutput
 
@@ -63,8 +63,7 @@ class ModelRunner:
 
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.num_threads > 0 and self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+        self.threads = EngineThreads(config.num_threads, config.device)  # bound at the first step
         if model is None:
             model, tokenizer = load_model(resolve_llm(config.model), self.device, self.dtype)
         self.model, self.tokenizer = model, tokenizer
@@ -94,9 +93,9 @@ class ModelRunner:
         self.eos_token_ids = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self.fused = [self._fuse(layer) for layer in self.layers]
         log.info(
-            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB), %d torch threads",
+            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
-            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20, torch.get_num_threads(),
+            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
         )
 
     @staticmethod
@@ -202,9 +201,15 @@ class ModelRunner:
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x[:, 0])).float()
 
+    def _bind(self) -> None:
+        if self.threads.bind():
+            log.info("torch runner: engine thread on cpus %s, %d torch threads", sorted(self.threads.cpus),
+                     len(self.threads.cpus))
+
     # ---- the runner interface (runner.Runner) --------------------------------------------
     def admit(self, reqs: list[Request]) -> StepOutput:
         """Give each request the next free slot and prefill it: its first token."""
+        self._bind()
         for req in reqs:
             if len(self.slots) >= self.num_slots:
                 raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
@@ -217,6 +222,7 @@ class ModelRunner:
 
     def step(self, reqs: list[Request]) -> StepOutput:
         """Decode one token for each request, in slot order (the cache is then read through a view)."""
+        self._bind()
         reqs = sorted(reqs, key=lambda r: r.slot)
         out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
                                                       [r.slot for r in rs]))

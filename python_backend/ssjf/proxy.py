@@ -255,8 +255,8 @@ class Encoder:
     @torch.inference_mode()
     def warm_up(self) -> float:
         """Run one prompt of every width up to max_length. The CPU kernels build and cache a plan
-        per input shape, and a width's first call costs ~2x (8.0 against 4.5 ms for MiniLM-3 at
-        batch 1); a server pays this once at load (~1 s) instead of on its first requests.
+        per input shape, and a width's first call costs about twice a later one; a server pays this
+        once at load instead of on its first requests.
         Returns the seconds taken."""
         t0 = time.perf_counter()
         token = self.tokenizer.unk_token_id or 0

@@ -15,7 +15,7 @@ import os
 import threading
 
 from .config import EngineConfig
-from .cpus import engine_cpus
+from .cpus import EngineThreads
 from .request import Request
 from .runner import StepOutput
 
@@ -68,8 +68,7 @@ class VllmRunner:
         self.eos_token_ids = eos_ids(generation, self.tokenizer)
         self.max_seq_len = min(config.max_seq_len, engine.model_config.max_model_len)
         self._live: dict[str, Request] = {}  # vLLM request id -> request, while vLLM holds it
-        self._cpus = engine_cpus(config.num_threads) if config.device == "cpu" else None
-        self._bound: int | None = None  # the thread whose OpenMP team is set up
+        self.threads = EngineThreads(config.num_threads, config.device)
         log.info("vllm runner: %s in %s, max_num_seqs %d, max_model_len %d", path, dtype, config.max_batch_size,
                  self.max_seq_len)
 
@@ -105,21 +104,11 @@ class VllmRunner:
         return out
 
     def _bind(self) -> None:
-        """On CPU, the stepping thread's OpenMP team gets the compute cores (all but one), as
-        vLLM's own server gives its engine process; the last core is left to Triton, the proxy
-        and the response sends. Without this, vLLM's kernels fork a team over every core and
-        fight those for it. Set once per stepping thread (OpenMP's thread count is per thread)."""
-        if self._cpus is None or self._bound == threading.get_ident():
-            return
-        import torch
-
-        try:
-            os.sched_setaffinity(0, self._cpus)  # this thread; the team it forks inherits it
-        except OSError as exc:
-            log.warning("vllm runner: could not bind the engine thread to cpus %s: %s", sorted(self._cpus), exc)
-        torch._C.set_num_threads(len(self._cpus))  # vLLM replaces torch.set_num_threads with a no-op
-        self._bound = threading.get_ident()
-        log.info("vllm runner: engine thread on cpus %s, %d OpenMP threads", sorted(self._cpus), len(self._cpus))
+        """Without this, vLLM's kernels fork a team over every core and fight Triton, the proxy and
+        the sends for them (cpus.EngineThreads); vLLM's own server binds its engine the same way."""
+        if self.threads.bind():
+            log.info("vllm runner: engine thread on cpus %s, %d OpenMP threads", sorted(self.threads.cpus),
+                     len(self.threads.cpus))
 
     def step(self, reqs: list[Request]) -> StepOutput:
         self._bind()

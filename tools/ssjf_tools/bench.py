@@ -214,7 +214,20 @@ def summarize(jobs: list[Job], lengths: list[int]) -> dict:
         "throughput_rps": len(ok) / span, "throughput_tok_s": float(tokens.sum()) / span,
         "paper_throughput_25pct_rps": k / (done_sorted[k - 1] - first_arrival) if len(done_sorted) >= k else None,
         "busy_fraction": busy / span, "mean_in_system": area / span, "duration_s": span,
+        "window_mean_jct_s": window_means(jobs, ok),
     }
+
+
+def window_means(jobs: list[Job], ok, windows: int = 4) -> list[float | None]:
+    """Mean JCT of the jobs arriving in each quarter of the replay (by arrival order): how a policy
+    fares as a run goes on (a proxy that learns from the traffic should move toward the oracle)."""
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].arrival)
+    done = {j.index: j.done - j.arrival for j, _ in ok}
+    out = []
+    for part in np.array_split(np.array(order), windows):
+        values = [done[jobs[i].index] for i in part if jobs[i].index in done]
+        out.append(float(np.mean(values)) if values else None)
+    return out
 
 
 def fresh_refresh(args) -> dict[str, str]:
@@ -354,6 +367,11 @@ def markdown(report: dict, drift: bool = True) -> str:
                 else:
                     ratios.append(f"{m[key] / fcfs:.2f}x" if fcfs and m.get(key) else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' | '.join(ratios)} |")
+        base = (run.get("rounds") or [{}])[0].get("fcfs", {}).get("window_mean_jct_s")
+        if base and all(base):
+            lines.append("\nMean JCT by quarter of the arrivals, as a ratio to FCFS's (first round): "
+                         + "; ".join(f"{name} " + ", ".join(f"{w / b:.2f}x" if w else "-" for w, b in zip(m["window_mean_jct_s"], base))
+                                     for name, m in run["rounds"][0].items() if name != "fcfs" and m.get("window_mean_jct_s")))
         lengths = {name: m["duration_s_vs_fcfs"]["rounds"] for name, m in run["policies"].items()
                    if drift and name != "fcfs" and m.get("duration_s_vs_fcfs")}
         if lengths:  # same jobs and arrivals: a run longer or shorter than FCFS's had a slower or faster machine

@@ -9,16 +9,24 @@ For each request, sent one at a time, three times are taken for the *same* reque
 Overhead = client - engine - proxy: gRPC, the ensemble scheduler, the proxy's dynamic
 batcher queue, and the Python backend's IPC. Pairing per request removes the run-to-run
 noise of CPU generation from the difference.
+
+`--throughput`: the serving tax at a full batch instead. The same requests (B at a time, each T
+new tokens, EOS ignored) through the bare engine in this process, then through the served
+ensemble with B concurrent gRPC streams; the report gives both tokens/s and bare / served.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import threading
+import time
 
 import tritonclient.grpc as grpcclient
 
 from ssjf_client.client import SSJFClient, scrape_metrics
+from .flags import config_args
 from .report import emit
 
 PROMPT = "What is the capital of France?"
@@ -65,15 +73,74 @@ def measure(client: SSJFClient, stats_client, metrics_url: str, n: int, max_toke
     return {k: quantiles_ms(v) for k, v in rows.items()}
 
 
+def served_tokens_per_s(grpc_url: str, prompts: list[str], batch: int, new_tokens: int) -> float:
+    """B client threads, each with its own stream, sending its share of the prompts one after another."""
+    shares = [prompts[i::batch] for i in range(batch)]
+    errors: list[str] = []
+
+    def user(share):
+        with SSJFClient(grpc_url) as client:
+            for prompt in share:
+                r = client.generate(prompt, max_tokens=new_tokens, ignore_eos=True, timeout=900)
+                if not r.ok:
+                    errors.append(r.error)
+
+    threads = [threading.Thread(target=user, args=(share,)) for share in shares]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
+    return len(prompts) * new_tokens / elapsed
+
+
+def throughput(args) -> dict:
+    from ssjf.config import EngineConfig
+    from ssjf.cpus import machine
+    from ssjf.engine import Engine
+    from ssjf.server import ServerConfig, TritonServer
+
+    from .bench_engine import PROMPTS, bench_engine
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch * args.rounds)]
+    config = EngineConfig(runner=args.runner, dtype=args.dtype, max_batch_size=args.batch)
+    engine = Engine(config)
+    ids = [engine.encode_prompt(p) for p in prompts]
+    bench_engine(engine, ids[: args.batch], 8)  # warm-up
+    bare = max(bench_engine(engine, ids, args.new_tokens) for _ in range(2))
+    runner, dtype = engine.config.runner, str(getattr(engine.runner, "dtype", args.dtype))
+    del engine
+    env = dict(os.environ, SSJF_RUNNER=runner, SSJF_DTYPE=args.dtype, SSJF_MAX_BATCH_SIZE=str(args.batch),
+               SSJF_POLICY="fcfs")
+    with TritonServer(ServerConfig.on_free_ports(), env=env) as server:
+        served_tokens_per_s(server.grpc_url, prompts[: args.batch], args.batch, 8)  # warm-up
+        served = max(served_tokens_per_s(server.grpc_url, prompts, args.batch, args.new_tokens) for _ in range(2))
+    return {"config": {"runner": runner, "dtype": dtype, "batch": args.batch, "requests": len(prompts),
+                       "new_tokens": args.new_tokens, "machine": machine()},
+            "bare_tokens_per_s": round(bare, 1), "served_tokens_per_s": round(served, 1),
+            "bare_over_served": round(bare / served, 3)}
+
+
 def main(argv=None) -> dict:
     from ssjf.server import ServerConfig, TritonServer
 
-    ap = argparse.ArgumentParser(prog="ssjf bench-overhead", description=__doc__)
+    ap = argparse.ArgumentParser(prog="ssjf bench-overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=1)
     ap.add_argument("--http-port", type=int, default=18600, help="ports used: this, +1 (gRPC), +2 (metrics)")
+    ap.add_argument("--throughput", action="store_true", help="the serving tax at a full batch (see above)")
+    ap.add_argument("--batch", type=int, default=16, help="--throughput: requests in flight")
+    ap.add_argument("--rounds", type=int, default=3, help="--throughput: requests = batch x rounds")
+    ap.add_argument("--new-tokens", type=int, default=128, help="--throughput: tokens per request")
+    config_args(ap, ["runner", "dtype"])
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.throughput:
+        return emit(throughput(args), args.out)
 
     cfg = ServerConfig(http_port=args.http_port, grpc_port=args.http_port + 1, metrics_port=args.http_port + 2)
     metrics_url = f"http://{cfg.host}:{cfg.metrics_port}"
