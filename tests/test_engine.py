@@ -463,3 +463,21 @@ def test_waiting_requests_are_checked_for_cancellation_sparingly(backend):
     engine.step()
     assert waiting.status is RequestStatus.ABORTED and waiting.sink.errors == ["request cancelled"]
     assert waiting.output_ids == []
+
+
+def test_packed_bf16_linears_compute_what_f_linear_does(tiny_model, tokenizer):
+    """On a CPU in bf16 the torch runner packs each weight once (oneDNN's layout); where oneDNN has
+    no bf16 it falls back to F.linear. Either way the products match F.linear's."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    config = EngineConfig(runner="torch", dtype="bfloat16", max_seq_len=64, max_batch_size=4)
+    runner = ModelRunner(config, model=model, tokenizer=tokenizer)
+    w, b = model.model.layers[0].mlp.down_proj.weight, None
+    x = torch.randn(3, 1, w.shape[1], dtype=torch.bfloat16)
+    torch.testing.assert_close(runner._linear(w, b)(x), torch.nn.functional.linear(x, w, b), atol=2e-2, rtol=2e-2)
+    engine = Engine(config, runner=runner)
+    r = Request("p", engine.encode_prompt("hello"), max_tokens=6, sink=ListSink(), ignore_eos=True)
+    engine.add_request(r)
+    engine.run_until_idle()
+    assert r.status is RequestStatus.FINISHED and len(r.output_ids) == 6

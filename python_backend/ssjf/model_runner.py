@@ -92,6 +92,7 @@ class ModelRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_seq_len, head_dim]
         self.eos_token_ids = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self.fused = [self._fuse(layer) for layer in self.layers]
+        self.head = self._linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
         log.info(
             "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
@@ -119,22 +120,41 @@ class ModelRunner:
             start += m.out_features
         return weight, bias
 
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """x -> x @ weight.T + bias. On a CPU in bf16 the weight is packed once into oneDNN's
+        blocked layout, which F.linear would otherwise redo on every call."""
+        if self.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.num_slots)
+
+                def run(x):
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+                torch.testing.assert_close(run(probe), F.linear(probe, weight, bias))
+                return run
+            except (AttributeError, RuntimeError, AssertionError) as exc:  # no oneDNN bf16 here: plain
+                log.debug("no packed linear (%s)", exc)
+        return lambda x: F.linear(x, weight, bias)
+
     def _fuse(self, layer) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
-        fused = {"qkv": self._fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])}
+        fused = {"qkv": self._linear(*self._fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])),
+                 "o": self._linear(attn.o_proj.weight, attn.o_proj.bias)}
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            fused["gate_up"] = self._fuse_linears([mlp.gate_proj, mlp.up_proj])
+            fused["gate_up"] = self._linear(*self._fuse_linears([mlp.gate_proj, mlp.up_proj]))
+            fused["down"] = self._linear(mlp.down_proj.weight, mlp.down_proj.bias)
         return fused
 
     def _mlp(self, i: int, layer, h):
         gate_up = self.fused[i].get("gate_up")
         if gate_up is None:
             return layer.mlp(h)
-        gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        gate, up = gate_up(h).chunk(2, dim=-1)
+        return self.fused[i]["down"](layer.mlp.act_fn(gate) * up)
 
     def _qkv(self, i: int, attn, h, batch: int, seq: int):
-        qkv = F.linear(h, *self.fused[i]["qkv"])
+        qkv = self.fused[i]["qkv"](h)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -164,10 +184,10 @@ class ModelRunner:
             self.v_cache[i, rows, :, :width] = v
             # Right padding: with a causal mask, a real query only sees real keys.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(n, width, -1))
+            x = x + self.fused[i]["o"](out.transpose(1, 2).reshape(n, width, -1))
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         last = x[torch.arange(n, device=self.device), lens - 1]
-        return self.lm_head(self.norm(last)).float()
+        return self.head(self.norm(last)).float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
@@ -197,9 +217,9 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(
                 q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
             )
-            x = x + attn.o_proj(out.reshape(b, 1, -1))
+            x = x + self.fused[i]["o"](out.reshape(b, 1, -1))
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x[:, 0])).float()
+        return self.head(self.norm(x[:, 0])).float()
 
     def _bind(self) -> None:
         if self.threads.bind():
