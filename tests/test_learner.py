@@ -120,7 +120,7 @@ def test_the_correction_travels_through_its_file_and_a_refresher_writes_it_only_
     again = Refresher(tmp_path / "proxy.npz", window=600, min_rows=10_000)
     again.observe(served[0], int(y[0]))
     again.refresh()
-    assert again.head.version == 1 and again.head._fit is not None
+    assert again.head.version == 1 and again.head.fit is not None
 
 
 def test_the_served_proxy_sends_its_features_and_applies_a_correction(tmp_path):

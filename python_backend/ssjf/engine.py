@@ -100,7 +100,7 @@ class Engine:
                       max_tokens=inputs.max_tokens,
                       sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
                       predicted_length=predicted, features=inputs.features,
-                      **({} if arrival_time is None else {"arrival_time": arrival_time}))
+                      arrival_time=self.clock() if arrival_time is None else arrival_time)
         self.add_request(req, timeout_s)
         return req
 

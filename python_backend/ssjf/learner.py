@@ -43,6 +43,12 @@ def kendall_tau(pred, true) -> float:
     return float(stats.kendalltau(pred, true).statistic)
 
 
+def correction(fit, x: np.ndarray) -> np.ndarray:
+    """A learned correction (mean, std, coef, bias) of the log length for features x."""
+    mean, std, coef, bias = fit
+    return ((x - mean) / std) @ coef + bias
+
+
 class RankWindow:
     """(predicted, true) lengths of the last `size` finished requests."""
 
@@ -57,9 +63,7 @@ class RankWindow:
         return len(self.pairs)
 
     def kendall_tau(self) -> float:
-        if len(self.pairs) < 2:
-            return 0.0
-        pred, true = zip(*self.pairs)
+        pred, true = zip(*self.pairs) if self.pairs else ((), ())
         return kendall_tau(pred, true)
 
     def mae_tokens(self) -> float:
@@ -79,7 +83,7 @@ class OnlineHead:
         self.rows: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=window)
         self.min_rows = min_rows
         self.holdout_every = holdout_every  # every k-th recent row is held back to validate a refit
-        self._fit = None  # (mean, std, coef, bias) of the correction in use; None: the base alone
+        self.fit = None  # (mean, std, coef, bias) of the correction in use; None: the base alone
         self.version = 0  # refits swapped in
         self.rejected = 0  # refits that ranked worse than the head in use
         self._refitting = threading.Lock()  # one refit at a time (never taken by predict)
@@ -89,15 +93,15 @@ class OnlineHead:
         if true_length > 0:
             self.rows.append((np.asarray(x, dtype=np.float32), float(np.log1p(true_length))))
 
-    def _correction(self, fit, x: np.ndarray) -> np.ndarray:
-        mean, std, coef, bias = fit
-        return ((x - mean) / std) @ coef + bias
+    def adopt(self, fit, version: int) -> None:
+        """Take a correction learned earlier (a previous run's, from its file) as the one in use."""
+        self.fit, self.version = fit, version
 
     def predict_log(self, x: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         base = self.base.predict_log(x)
-        fit = self._fit  # one read: a swap in between changes nothing here
-        return base if fit is None else base + self._correction(fit, x)
+        fit = self.fit  # one read: a swap in between changes nothing here
+        return base if fit is None else base + correction(fit, x)
 
     def _ridge(self, x: np.ndarray, r: np.ndarray, l2: float):
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -118,17 +122,17 @@ class OnlineHead:
             held = np.zeros(len(rows), dtype=bool)
             held[self.holdout_every - 1::self.holdout_every] = True
             base = self.base.predict_log(x)
-            current = base if self._fit is None else base + self._correction(self._fit, x)
+            current = base if self.fit is None else base + correction(self.fit, x)
             best_tau, best = kendall_tau(current[held], y[held]), None
             for l2 in self.L2:
                 fit = self._ridge(x[~held], y[~held] - base[~held], l2)
-                tau = kendall_tau(base[held] + self._correction(fit, x[held]), y[held])
+                tau = kendall_tau(base[held] + correction(fit, x[held]), y[held])
                 if tau > best_tau:
                     best_tau, best = tau, l2
             if best is None:
                 self.rejected += 1
                 return False
-            self._fit = self._ridge(x, y - base, best)  # the chosen L2, refitted on every row
+            self.fit = self._ridge(x, y - base, best)  # the chosen L2, refitted on every row
             self.version += 1
             return True
 
@@ -138,11 +142,6 @@ class LastColumn:
 
     def predict_log(self, x: np.ndarray) -> np.ndarray:
         return np.atleast_2d(x)[:, -1].astype(np.float64)
-
-
-def fit_arrays(fit, version: int) -> dict[str, np.ndarray]:
-    mean, std, coef, bias = fit
-    return {"mean": mean, "std": std, "coef": coef, "bias": np.float64(bias), "version": np.int64(version)}
 
 
 class CorrectionFile:
@@ -156,7 +155,8 @@ class CorrectionFile:
     def write(self, fit, version: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, **fit_arrays(fit, version))
+        mean, std, coef, bias = fit
+        np.savez(tmp, mean=mean, std=std, coef=coef, bias=np.float64(bias), version=np.int64(version))
         os.replace(tmp, self.path)  # readers see the old file or the new one, never half of one
 
     def poll(self, dim: int) -> bool:
@@ -187,11 +187,8 @@ class CorrectionFile:
         return True
 
     def apply(self, x: np.ndarray, base_log: np.ndarray) -> np.ndarray:
-        fit = self.fit
-        if fit is None:
-            return base_log
-        mean, std, coef, bias = fit
-        return base_log + ((x - mean) / std) @ coef + bias
+        fit = self.fit  # one read: a reload in between changes nothing here
+        return base_log if fit is None else base_log + correction(fit, x)
 
 
 class Refresher:
@@ -225,15 +222,14 @@ class Refresher:
         if self._seen == 0:
             return False
         self._seen = 0
-        if self.head._fit is None and self.head.rows and self.file.poll(len(self.head.rows[-1][0])):
+        if self.head.version == 0 and self.head.rows and self.file.poll(len(self.head.rows[-1][0])):
             # the correction a previous run saved (the proxy serves it): the one to beat
-            self.head._fit, self.head.version = self.file.fit, self.file.version
-        rows = len(self.head.rows)
-        if rows < self.head.min_rows:
+            self.head.adopt(self.file.fit, self.file.version)
+        if len(self.head.rows) < self.head.min_rows:
             return False
         swapped = self.head.refit()
         if swapped:
-            self.file.write(self.head._fit, self.head.version)
+            self.file.write(self.head.fit, self.head.version)
         if self.on_refit is not None:
             self.on_refit(swapped, self.head.version)
         return swapped

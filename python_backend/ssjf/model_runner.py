@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import EngineConfig
 from .cpus import EngineThreads, resolve_dtype
+from .cpus import linear as cpu_linear
 from .request import Request
 from .runner import StepOutput
 
@@ -121,21 +122,7 @@ class ModelRunner:
         return weight, bias
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """x -> x @ weight.T + bias. On a CPU in bf16 the weight is packed once into oneDNN's
-        blocked layout, which F.linear would otherwise redo on every call."""
-        if self.device.type == "cpu" and weight.dtype == torch.bfloat16:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.num_slots)
-
-                def run(x):
-                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
-                torch.testing.assert_close(run(probe), F.linear(probe, weight, bias))
-                return run
-            except (AttributeError, RuntimeError, AssertionError) as exc:  # no oneDNN bf16 here: plain
-                log.debug("no packed linear (%s)", exc)
-        return lambda x: F.linear(x, weight, bias)
+        return cpu_linear(weight, bias, rows=self.num_slots)  # packed once in bf16 on a CPU
 
     def _fuse(self, layer) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
@@ -221,15 +208,10 @@ class ModelRunner:
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         return self.head(self.norm(x[:, 0])).float()
 
-    def _bind(self) -> None:
-        if self.threads.bind():
-            log.info("torch runner: engine thread on cpus %s, %d torch threads", sorted(self.threads.cpus),
-                     len(self.threads.cpus))
-
     # ---- the runner interface (runner.Runner) --------------------------------------------
     def admit(self, reqs: list[Request]) -> StepOutput:
         """Give each request the next free slot and prefill it: its first token."""
-        self._bind()
+        self.threads.bind("torch runner")
         for req in reqs:
             if len(self.slots) >= self.num_slots:
                 raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
@@ -242,7 +224,7 @@ class ModelRunner:
 
     def step(self, reqs: list[Request]) -> StepOutput:
         """Decode one token for each request, in slot order (the cache is then read through a view)."""
-        self._bind()
+        self.threads.bind("torch runner")
         reqs = sorted(reqs, key=lambda r: r.slot)
         out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
                                                       [r.slot for r in rs]))

@@ -27,6 +27,7 @@ import torch
 
 from .assets import resolve_encoder
 from .config import cache_dir
+from .cpus import linear as cpu_linear
 from .cpus import resolve_dtype
 
 PACKAGED_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # shipped with the package, read-only
@@ -70,28 +71,15 @@ def user_artifacts() -> Path:
     return cache_dir() / "artifacts"
 
 
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor):
-    """x -> x @ weight.T + bias with the weight in int8 (per output channel) and the activations
-    quantized on the fly (fbgemm's dynamic linear): on a CPU without native bf16 about twice as
-    fast as fp32 at batch 1, with the rank quality unchanged (docs/benchmarks.md)."""
-    w = weight.detach().float().contiguous()
-    scale = (w.abs().amax(1) / 127).clamp(min=1e-8).double()
-    qweight = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-    packed = torch.ops.quantized.linear_prepack(qweight, bias.detach().float())
-    return lambda x: torch.ops.quantized.linear_dynamic(x, packed)
-
-
 class FastBert:
     """An inference-only forward pass for BERT-family encoders (MiniLM is one): the same math as
     transformers' BertModel in eval mode, with query/key/value fused into one matrix product and
     no module wrappers (at batch 1 on a CPU per-operation overhead is a large share of the time).
-    int8: every matrix product a dynamic int8 linear (int8_linear)."""
+    Every matrix product is cpus.linear's: packed once in bf16 on a CPU, or int8 with `int8`."""
 
     def __init__(self, model: torch.nn.Module, int8: bool = False):
-        F = torch.nn.functional
-
         def linear(w, b):
-            return int8_linear(w, b) if int8 else (lambda x: F.linear(x, w, b))
+            return cpu_linear(w, b, int8=int8)
 
         emb = model.embeddings
         self.word, self.pos = emb.word_embeddings.weight, emb.position_embeddings.weight
@@ -412,6 +400,11 @@ class LengthPredictor:
     def predict(self, texts: list[str], models: list[str] | None = None, cached: bool = False) -> np.ndarray:
         """Predicted lengths (int32, >= 1)."""
         return self.to_lengths(self.predict_log(texts, models, cached))
+
+    @property
+    def served_width(self) -> int:
+        """Columns of the features predict_served sends: the head's input, then its prediction."""
+        return len(self.head.mean) + 1
 
     def predict_served(self, texts: list[str], correction=None) -> tuple[np.ndarray, np.ndarray]:
         """What the served proxy answers: lengths after the refreshed correction (a

@@ -29,6 +29,17 @@ class Sink(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+class NullSink:
+    """A sink that keeps nothing (benchmarks, profiling, the simulator): the Request holds the tokens."""
+
+    def send(self, text: str, final: bool) -> None: ...
+
+    def error(self, message: str) -> None: ...
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
 @dataclass
 class LLMInputs:
     """What a client sent, converted from its tensors but not yet validated (Engine.submit does that)."""

@@ -35,15 +35,15 @@ def _scalar(name: str, array: np.ndarray | None):
     return array.reshape(-1)[0]
 
 
-def decode_text(value) -> str:
+def decode_text(value, name: str = "text_input") -> str:
     if isinstance(value, (bytes, np.bytes_)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RequestError(f"text_input: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise RequestError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if isinstance(value, str):
         return value
-    raise RequestError(f"text_input: expected a string, got {type(value).__name__}")
+    raise RequestError(f"{name}: expected a string, got {type(value).__name__}")
 
 
 def check_parameters(parameters: str | dict | None) -> None:
@@ -59,13 +59,8 @@ def check_parameters(parameters: str | dict | None) -> None:
 
 def parse_messages(raw) -> list[dict[str, str]]:
     """The `messages` input: a JSON list of {"role", "content"} turns, the last one the user's."""
-    if isinstance(raw, (bytes, np.bytes_)):
-        try:
-            raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"messages: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        turns = json.loads(raw)
+        turns = json.loads(decode_text(raw, "messages"))
     except (TypeError, ValueError) as exc:
         raise RequestError(f"messages: not valid JSON ({exc})") from None
     if not isinstance(turns, list) or not turns:

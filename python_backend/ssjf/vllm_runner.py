@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from .config import EngineConfig
 from .cpus import EngineThreads
@@ -103,15 +102,10 @@ class VllmRunner:
                 out.failed.append((req, exc))
         return out
 
-    def _bind(self) -> None:
-        """Without this, vLLM's kernels fork a team over every core and fight Triton, the proxy and
-        the sends for them (cpus.EngineThreads); vLLM's own server binds its engine the same way."""
-        if self.threads.bind():
-            log.info("vllm runner: engine thread on cpus %s, %d OpenMP threads", sorted(self.threads.cpus),
-                     len(self.threads.cpus))
-
     def step(self, reqs: list[Request]) -> StepOutput:
-        self._bind()
+        # without this vLLM's kernels fork a team over every core and fight Triton, the proxy and the
+        # sends for them; vLLM's own server binds its engine the same way (cpus.EngineThreads)
+        self.threads.bind("vllm runner")
         out = StepOutput()
         try:
             outputs = self.engine.step()

@@ -16,7 +16,7 @@ import torch
 from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 from ssjf.engine import Engine
-from ssjf.request import Request
+from ssjf.request import NullSink, Request
 from .flags import config_args
 from .report import emit
 
@@ -32,19 +32,8 @@ PROMPTS = [
 ]
 
 
-class _Null:
-    def send(self, text, final):
-        pass
-
-    def error(self, message):
-        raise RuntimeError(message)
-
-    def is_cancelled(self):
-        return False
-
-
 def bench_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
-    reqs = [Request(f"b{i}", p, max_tokens=new_tokens, sink=_Null(), ignore_eos=True) for i, p in enumerate(prompts)]
+    reqs = [Request(f"b{i}", p, max_tokens=new_tokens, sink=NullSink(), ignore_eos=True) for i, p in enumerate(prompts)]
     start = time.perf_counter()
     for r in reqs:
         engine.add_request(r)

@@ -27,7 +27,7 @@ from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 from ssjf.engine import Engine
 from ssjf.model_runner import ModelRunner
-from ssjf.request import Request
+from ssjf.request import NullSink, Request
 
 from .bench_engine import PROMPTS, bench_engine, bench_hf_generate
 from .report import emit
@@ -47,20 +47,6 @@ def pack(out: Path) -> None:
     print(f"packed {sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MiB into {out}")
 
 
-class _Sink:
-    def __init__(self):
-        self.done = False
-
-    def send(self, text, final):
-        self.done = self.done or final
-
-    def error(self, message):
-        raise RuntimeError(message)
-
-    def is_cancelled(self):
-        return False
-
-
 def check_correctness(tokenizer, device: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +57,7 @@ def check_correctness(tokenizer, device: str) -> dict:
     model = LlamaForCausalLM(cfg).eval().to(device)
     config = EngineConfig(runner="torch", device=device, dtype="float32", max_seq_len=256, max_batch_size=4)
     engine = Engine(config, runner=ModelRunner(config, model=model, tokenizer=tokenizer))
-    reqs = [Request(str(i), engine.encode_prompt(p), max_tokens=12 + 3 * i, sink=_Sink(), ignore_eos=True)
+    reqs = [Request(str(i), engine.encode_prompt(p), max_tokens=12 + 3 * i, sink=NullSink(), ignore_eos=True)
             for i, p in enumerate(PROMPTS[:6])]
     engine.add_request(reqs[0])
     engine.step()

@@ -12,7 +12,7 @@ noise of CPU generation from the difference.
 
 `--throughput`: the serving tax at a full batch instead. The same requests (B at a time, each T
 new tokens, EOS ignored) through the bare engine in this process, then through the served
-ensemble with B concurrent gRPC streams; the report gives both tokens/s and bare / served.
+ensemble, all queued at once in both; the report gives both tokens/s and bare / served.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
-import time
 
 import tritonclient.grpc as grpcclient
 
@@ -73,28 +71,17 @@ def measure(client: SSJFClient, stats_client, metrics_url: str, n: int, max_toke
     return {k: quantiles_ms(v) for k, v in rows.items()}
 
 
-def served_tokens_per_s(grpc_url: str, prompts: list[str], batch: int, new_tokens: int) -> float:
-    """B client threads, each with its own stream, sending its share of the prompts one after another."""
-    shares = [prompts[i::batch] for i in range(batch)]
-    errors: list[str] = []
+def served_tokens_per_s(grpc_url: str, prompts: list[str], new_tokens: int) -> float:
+    """Every prompt sent at once through the ensemble (bench's replay, one gRPC stream), as the bare
+    run queues them all at once; tokens/s from the first send to the last final response."""
+    from .bench import Job, replay
 
-    def user(share):
-        with SSJFClient(grpc_url) as client:
-            for prompt in share:
-                r = client.generate(prompt, max_tokens=new_tokens, ignore_eos=True, timeout=900)
-                if not r.ok:
-                    errors.append(r.error)
-
-    threads = [threading.Thread(target=user, args=(share,)) for share in shares]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-    return len(prompts) * new_tokens / elapsed
+    jobs = [Job(i, p, new_tokens, 0.0) for i, p in enumerate(prompts)]
+    replay(grpc_url, jobs, True, timeout=900)
+    failed = [j.error for j in jobs if j.error or j.done is None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
+    return len(prompts) * new_tokens / max(j.done for j in jobs)
 
 
 def throughput(args) -> dict:
@@ -116,8 +103,8 @@ def throughput(args) -> dict:
     env = dict(os.environ, SSJF_RUNNER=runner, SSJF_DTYPE=args.dtype, SSJF_MAX_BATCH_SIZE=str(args.batch),
                SSJF_POLICY="fcfs")
     with TritonServer(ServerConfig.on_free_ports(), env=env) as server:
-        served_tokens_per_s(server.grpc_url, prompts[: args.batch], args.batch, 8)  # warm-up
-        served = max(served_tokens_per_s(server.grpc_url, prompts, args.batch, args.new_tokens) for _ in range(2))
+        served_tokens_per_s(server.grpc_url, prompts[: args.batch], 8)  # warm-up
+        served = max(served_tokens_per_s(server.grpc_url, prompts, args.new_tokens) for _ in range(2))
     return {"config": {"runner": runner, "dtype": dtype, "batch": args.batch, "requests": len(prompts),
                        "new_tokens": args.new_tokens, "machine": machine()},
             "bare_tokens_per_s": round(bare, 1), "served_tokens_per_s": round(served, 1),

@@ -21,21 +21,7 @@ from ssjf.config import EngineConfig
 from .flags import config_args
 from .data import conversation, load_rows
 from ssjf.engine import Engine, RequestError
-from ssjf.request import Request
-
-
-class _Collect:
-    def __init__(self):
-        self.done = False
-
-    def send(self, text, final):
-        self.done = self.done or final
-
-    def error(self, message):
-        self.done = True
-
-    def is_cancelled(self):
-        return False
+from ssjf.request import NullSink, Request
 
 
 def main(argv=None) -> int:
@@ -83,7 +69,7 @@ def main(argv=None) -> int:
                 if item is None:
                     break
                 i, (prompt, source_ids) = item
-                req = Request(f"p{i}", engine.encode_prompt(prompt), max_tokens=args.max_tokens, sink=_Collect(),
+                req = Request(f"p{i}", engine.encode_prompt(prompt), max_tokens=args.max_tokens, sink=NullSink(),
                               temperature=args.temperature)
                 try:
                     if req.prompt_len > args.max_prompt_tokens:

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import stats
 
 from ssjf.engine import Engine
-from ssjf.request import Request
+from ssjf.request import NullSink, Request
 from ssjf.runner import StepOutput
 
 from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
@@ -68,18 +68,11 @@ class VirtualClock:
         return self.now
 
 
-class _Quiet:
-    """A tokenizer and a sink that do nothing: the simulation needs timings, not text."""
+class _NoText:
+    """A tokenizer that decodes nothing: the simulation needs timings, not text."""
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return ""
-
-    def send(self, text: str, final: bool) -> None: ...
-
-    def error(self, message: str) -> None: ...
-
-    def is_cancelled(self) -> bool:
-        return False
 
 
 class CostModelRunner:
@@ -91,7 +84,7 @@ class CostModelRunner:
 
     def __init__(self, clock: VirtualClock, cost: StepCost, lengths: dict[str, int], max_seq_len: int):
         self.clock, self.cost, self.lengths = clock, cost, lengths
-        self.tokenizer = _Quiet()
+        self.tokenizer = _NoText()
         self.max_seq_len = max_seq_len
         self.eos_token_ids = {self.EOS}
 
@@ -122,7 +115,7 @@ def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: 
     clock = VirtualClock(0.0)
     runner = CostModelRunner(clock, cost, {str(i): n for i, n in enumerate(lengths)}, config.max_seq_len)
     engine = Engine(config, runner=runner, clock=clock)
-    sink = _Quiet()
+    sink = NullSink()
     reqs = [Request(str(i), [0] * p, max_tokens=n if ignore_eos else None, sink=sink, ignore_eos=ignore_eos,
                     predicted_length=pred, arrival_time=float(t))
             for i, (p, n, pred, t) in enumerate(zip(prompt_tokens, lengths, predictions, times))]

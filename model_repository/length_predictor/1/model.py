@@ -44,7 +44,6 @@ class TritonPythonModel:
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
         # the correction the llm learns from served traffic (ssjf.learner), reloaded when it changes
         self.correction = CorrectionFile(refresh_path(config.refresh_path)) if config.refresh else None
-        self.width = self.predictor.features([""]).shape[1] + 1
         pb_utils.Logger.log_info(f"length_predictor ready: artifact={config.artifact} "
                                  f"dtype={self.predictor.encoder.dtype_name} threads={torch.get_num_threads()}")
 
@@ -55,7 +54,7 @@ class TritonPythonModel:
             texts.extend(rows)
             counts.append(len(rows))
         try:
-            if self.correction is not None and self.correction.poll(self.width):
+            if self.correction is not None and self.correction.poll(self.predictor.served_width):
                 pb_utils.Logger.log_info(f"length_predictor: correction version {self.correction.version} loaded")
             predicted, features = self.predictor.predict_served(texts, self.correction)
         except Exception as exc:  # 0 means "unknown": the LLM queue serves these with its fallback key
