@@ -95,6 +95,8 @@ class EngineConfig:
     chat_template: bool = setting(True, "wrap prompts in the model's chat template")
     num_threads: int = setting(0, "CPU cores for generation, bound to the engine thread; 0: all but one (the last "
                                   "serves Triton, the proxy and the sends)")
+    decode_kernels: bool = setting(True, "torch runner on CPU: the built decode-attention kernel (needs a C compiler; "
+                                         "off: torch's SDPA)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
     proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")

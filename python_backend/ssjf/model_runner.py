@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .config import EngineConfig
 from .cpus import EngineThreads, resolve_dtype
 from .cpus import linear as cpu_linear
+from . import kernels
 from .request import Request
 from .runner import StepOutput
 
@@ -94,6 +95,7 @@ class ModelRunner:
         self.eos_token_ids = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self.fused = [self._fuse(layer) for layer in self.layers]
         self.head = self._linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
+        self.fast_attention = config.decode_kernels and kernels.supports(self.k_cache)
         log.info(
             "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
@@ -185,11 +187,20 @@ class ModelRunner:
         compact = slots is None or list(slots) == list(range(b))
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        span = int(max(positions)) + 1
-        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         rows = torch.arange(b, device=self.device) if compact else torch.tensor(slots, device=self.device)
         x = self.embed(tok)[:, None]
+        if self.fast_attention:  # kernels.decode_attention: cache write and attention over each row's own span
+            for i, layer in enumerate(self.layers):
+                q, k, v = self._qkv(i, layer.self_attn, layer.input_layernorm(x), b, 1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                out = kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k_cache[i], self.v_cache[i],
+                                               rows, pos, self.scaling)
+                x = x + self.fused[i]["o"](out.view(b, 1, -1))
+                x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
+            return self.head(self.norm(x[:, 0])).float()
+        span = int(max(positions)) + 1
+        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(i, attn, layer.input_layernorm(x), b, 1)
