@@ -481,3 +481,24 @@ def test_packed_bf16_linears_compute_what_f_linear_does(tiny_model, tokenizer):
     engine.add_request(r)
     engine.run_until_idle()
     assert r.status is RequestStatus.FINISHED and len(r.output_ids) == 6
+
+
+def test_the_fixed_shape_decode_cuda_graphs_capture_gives_the_same_tokens(tiny_model, tokenizer):
+    """What a CUDA graph captures (the batch padded to its bucket, attention over the whole cache,
+    masked), run eagerly here: requests joining and leaving move the batch across buckets."""
+    backend = Backend("torch", tiny_model, tokenizer)
+    engine = backend.engine(max_batch_size=4)
+    engine.runner.static_decode = True
+    reqs = requests(engine)
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.add_request(reqs[1])
+    engine.add_request(reqs[2])
+    engine.step()
+    for r in reqs[3:]:
+        engine.add_request(r)
+    engine.run_until_idle()
+    assert set(engine.runner._graphs) <= {1, 2, 4} and len(engine.runner._graphs) >= 2
+    for r in reqs:
+        assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens), r.request_id
+    assert engine.runner.buckets() == [1, 2, 4]

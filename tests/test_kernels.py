@@ -16,43 +16,63 @@ from ssjf.request import NullSink, Request
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the runner uses torch's attention")
 
 
-def reference(q, k_new, v_new, k_cache, v_cache, rows, pos, scale):
-    """Cache writes by index_put, then SDPA with each row masked to its own span."""
-    b, heads, d = k_new.shape
-    k_cache[rows, :, pos] = k_new
-    v_cache[rows, :, pos] = v_new
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def reference(qkv, q_heads, k_cache, v_cache, rows, pos, scale, rope):
+    """Rotary and cache writes by index_put in fp32, then SDPA with each row masked to its own span."""
+    b, (slots, heads, max_len, d) = qkv.shape[0], k_cache.shape
+    q, k, v = qkv.float().split([q_heads * d, heads * d, heads * d], dim=-1)
+    q, k, v = q.view(b, q_heads, d), k.view(b, heads, d), v.view(b, heads, d)
+    if rope is not None:
+        cos, sin = rope[0][pos][:, None], rope[1][pos][:, None]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    k_cache[rows, :, pos] = k.to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.to(v_cache.dtype)
     span = int(pos.max()) + 1
     mask = (torch.arange(span)[None] <= pos[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.view(b, heads, -1, d), k_cache[rows, :, :span], v_cache[rows, :, :span],
-                                         attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q.view(b, heads, -1, d), k_cache[rows, :, :span].float(),
+                                         v_cache[rows, :, :span].float(), attn_mask=mask, scale=scale)
     return out.reshape(b, -1)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("head_dim", [64, 128, 40])
+@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: the generic copy
 @pytest.mark.parametrize("group", [1, 3])
-def test_decode_attention_matches_sdpa(dtype, atol, head_dim, group):
+@pytest.mark.parametrize("rotary", [True, False])
+def test_decode_attention_matches_sdpa(dtype, atol, head_dim, group, rotary):
     gen = torch.Generator().manual_seed(head_dim * 10 + group)
     slots, heads, max_len, b = 6, 2, 300, 5
     k_cache = torch.randn(slots, heads, max_len, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(slots, heads, max_len, head_dim, generator=gen).to(dtype)
-    q = torch.randn(b, heads * group, head_dim, generator=gen).to(dtype)
-    k_new, v_new = (torch.randn(b, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    qkv = torch.randn(b, (heads * group + 2 * heads) * head_dim, generator=gen).to(dtype)
+    angles = torch.arange(max_len)[:, None] * torch.rand(head_dim // 2, generator=gen).repeat(2)[None]
+    rope = (angles.cos(), angles.sin()) if rotary else None
     rows = torch.tensor([4, 0, 2, 5, 1])  # not 0..b-1: the retry path's gathered slots
     pos = torch.tensor([0, 299, 17, 128, 64])  # a first token, the cache's last position, odd lengths
     kc, vc = k_cache.clone(), v_cache.clone()
-    want = reference(q, k_new, v_new, k_cache, v_cache, rows, pos, head_dim**-0.5)
-    got = kernels.decode_attention(q, k_new, v_new, kc, vc, rows, pos, head_dim**-0.5)
+    want = reference(qkv, heads * group, k_cache, v_cache, rows, pos, head_dim**-0.5, rope)
+    got = kernels.decode_attention(qkv, heads * group, kc, vc, rows, pos, head_dim**-0.5, rope)
     assert got.dtype == dtype and got.shape == (b, heads * group * head_dim)
-    assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)  # the new rows written, nothing else touched
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+    # the new rows written (fp32 rotary: to the rounding of a fused multiply-add), nothing else touched
+    torch.testing.assert_close(kc.float(), k_cache.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
+    assert torch.equal(vc, v_cache)
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
 def test_decode_attention_refuses_a_strided_cache():
     cache = torch.zeros(2, 1, 8, 64)[:, :, ::2]
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.decode_attention(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), cache, cache,
-                                 torch.tensor([0]), torch.tensor([0]), 0.125)
+        kernels.decode_attention(torch.zeros(1, 3 * 64), 1, cache, cache, torch.tensor([0]), torch.tensor([0]), 0.125)
+
+
+def test_decode_attention_refuses_a_projection_of_the_wrong_width_or_dtype():
+    cache = torch.zeros(2, 1, 8, 64)
+    for qkv in (torch.zeros(1, 2 * 64), torch.zeros(1, 3 * 64, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="qkv"):
+            kernels.decode_attention(qkv, 1, cache, cache, torch.tensor([0]), torch.tensor([0]), 0.125)
 
 
 def test_the_runner_gives_the_same_tokens_with_and_without_the_kernel(tiny_model, tokenizer):

@@ -97,6 +97,8 @@ class EngineConfig:
                                   "serves Triton, the proxy and the sends)")
     decode_kernels: bool = setting(True, "torch runner on CPU: the built decode-attention kernel (needs a C compiler; "
                                          "off: torch's SDPA)")
+    cuda_graphs: bool = setting(True, "torch runner on CUDA: decode steps replayed from CUDA graphs, one per "
+                                      "batch-size bucket (captured at first use)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
     proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")

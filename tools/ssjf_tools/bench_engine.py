@@ -90,7 +90,7 @@ def bench_hf_generate_batch(model, tokenizer, prompts: list[list[int]], new_toke
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="ssjf bench-engine", description=__doc__)
-    config_args(ap, ["model", "device", "dtype", "num_threads"])
+    config_args(ap, ["model", "device", "dtype", "num_threads", "decode_kernels"])
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="torch",
-                          max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads)
+                          max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads,
+                          decode_kernels=args.decode_kernels)
     engine = Engine(config)
     model, tok = engine.runner.model, engine.tokenizer
     prompts = [engine.encode_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(args.concurrency)]
@@ -109,7 +110,8 @@ def main(argv=None) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if "vllm" not in skip and importlib.util.find_spec("vllm") is not None:
         vconfig = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, runner="vllm",
-                               max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads)
+                               max_batch_size=args.concurrency, max_seq_len=1024, num_threads=args.num_threads,
+                          decode_kernels=args.decode_kernels)
         vengine = Engine(vconfig)
         runs["ssjf_engine_vllm"] = lambda: bench_engine(vengine, prompts, args.new_tokens)
         runs["vllm_bare"] = lambda: bench_vllm_bare(vengine.runner.engine, prompts, args.new_tokens)

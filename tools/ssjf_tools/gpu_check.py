@@ -1,8 +1,9 @@
 """`ssjf gpu-check`: the first run on a GPU, in one command (scripts/gpu-check.sh runs it there).
 
 1. correctness: the engine on the torch runner on CUDA, requests joining mid-flight, against
-   transformers' greedy `generate` on the same weights (a small random Llama, fp32: exact);
-2. speed: bench-engine on CUDA in bf16 at batch 1, 8 and 16 on a SmolLM2-shaped model with random
+   transformers' greedy `generate` on the same weights (a small random Llama, fp32: exact), with
+   the decode step replayed from CUDA graphs and without;
+2. speed: bench-engine on CUDA in bf16 at batch 1, 8 and 16 (graphs on, and off) on a SmolLM2-shaped model with random
    weights (with EOS ignored the weights' values do not change the work), against transformers'
    static `generate`, and vLLM bare where it is installed;
 3. the proxy on CUDA: p50 latency of one prompt (a MiniLM-shaped random encoder) and its dtype.
@@ -47,7 +48,7 @@ def pack(out: Path) -> None:
     print(f"packed {sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MiB into {out}")
 
 
-def check_correctness(tokenizer, device: str) -> dict:
+def check_correctness(tokenizer, device: str, cuda_graphs: bool = True) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -55,7 +56,8 @@ def check_correctness(tokenizer, device: str) -> dict:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       initializer_range=0.3, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval().to(device)
-    config = EngineConfig(runner="torch", device=device, dtype="float32", max_seq_len=256, max_batch_size=4)
+    config = EngineConfig(runner="torch", device=device, dtype="float32", max_seq_len=256, max_batch_size=4,
+                          cuda_graphs=cuda_graphs)
     engine = Engine(config, runner=ModelRunner(config, model=model, tokenizer=tokenizer))
     reqs = [Request(str(i), engine.encode_prompt(p), max_tokens=12 + 3 * i, sink=NullSink(), ignore_eos=True)
             for i, p in enumerate(PROMPTS[:6])]
@@ -73,7 +75,8 @@ def check_correctness(tokenizer, device: str) -> dict:
                                  do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
         if ref != r.output_ids:
             mismatched.append(r.request_id)
-    return {"requests": len(reqs), "mismatched": mismatched, "ok": not mismatched}
+    return {"requests": len(reqs), "mismatched": mismatched, "ok": not mismatched,
+            "graphs": sorted(engine.runner._graphs)}
 
 
 def random_model_folder(src: Path, dst: Path, dtype) -> Path:
@@ -88,11 +91,12 @@ def random_model_folder(src: Path, dst: Path, dtype) -> Path:
     return dst
 
 
-def check_speed(folder: Path, device: str, dtype: str, batches: list[int], new_tokens: int) -> dict:
+def check_speed(folder: Path, device: str, dtype: str, batches: list[int], new_tokens: int,
+                cuda_graphs: bool = True) -> dict:
     out = {}
     for batch in batches:
         config = EngineConfig(model=str(folder), runner="torch", device=device, dtype=dtype, max_batch_size=batch,
-                              max_seq_len=1024)
+                              max_seq_len=1024, cuda_graphs=cuda_graphs)
         engine = Engine(config)
         prompts = [engine.encode_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
         bench_engine(engine, prompts, 8)  # warm-up
@@ -100,7 +104,7 @@ def check_speed(folder: Path, device: str, dtype: str, batches: list[int], new_t
         hf = max(bench_hf_generate(engine.runner.model, engine.tokenizer, prompts, new_tokens) for _ in range(2))
         out[f"batch_{batch}"] = {"ssjf_engine": round(ours, 1), "hf_generate_static": round(hf, 1),
                                  "engine_vs_generate": round(ours / hf, 2)}
-        print(f"batch {batch:3d}: engine {ours:8.1f} tokens/s, generate {hf:8.1f} ({ours / hf:.2f}x)", flush=True)
+        print(f"batch {batch:3d}, graphs {cuda_graphs}: engine {ours:8.1f} tokens/s, generate {hf:8.1f} ({ours / hf:.2f}x)", flush=True)
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -151,11 +155,13 @@ def main(argv=None) -> dict:
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
     tokenizer = AutoTokenizer.from_pretrained(args.src / "smollm2")
-    report["correctness"] = check_correctness(tokenizer, args.device)
+    graphs = (True, False) if args.device.startswith("cuda") else (False,)
+    report["correctness"] = {f"graphs_{g}": check_correctness(tokenizer, args.device, g) for g in graphs}
     print("correctness:", json.dumps(report["correctness"]), flush=True)
     folder = random_model_folder(args.src / "smollm2", args.work / "smollm2-random", getattr(torch, args.dtype))
-    report["speed"] = check_speed(folder, args.device, args.dtype, [int(b) for b in args.batches.split(",")],
-                                  args.new_tokens)
+    report["speed"] = {f"graphs_{g}": check_speed(folder, args.device, args.dtype,
+                                                  [int(b) for b in args.batches.split(",")], args.new_tokens, g)
+                       for g in graphs}
     report["proxy"] = check_proxy(args.src / "minilm", args.device)
     print("proxy:", json.dumps(report["proxy"]), flush=True)
     return emit(report, args.out)
