@@ -48,7 +48,7 @@ test-integration: prepare
 # tests, and SmolLM2's GGUF conversion, so an API that moved fails here, not in the container.
 GPU_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
 GPU_VENV := .venv-gpu
-GPU_TESTS := tests/test_engine.py tests/test_proxy.py tests/test_serving.py tests/test_scheduler.py \
+GPU_TESTS := tests/test_engine.py tests/test_kernels.py tests/test_proxy.py tests/test_serving.py tests/test_scheduler.py \
              tests/test_policy.py tests/test_config.py tests/test_detokenizer.py tests/test_responder.py
 $(GPU_VENV)/.installed: requirements-gpu.txt requirements-models.txt pyproject.toml
 	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv $(GPU_VENV)
