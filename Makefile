@@ -46,7 +46,7 @@ test-integration: prepare
 # The container's pins (requirements-gpu.txt: torch 2.5.1, transformers 4.56.2) on this CPU, in a venv
 # of their own on the container's Python (3.10 where there is one): the engine, runner and proxy
 # tests, and SmolLM2's GGUF conversion, so an API that moved fails here, not in the container.
-GPU_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
+GPU_PYTHON ?= $(shell python3.10 -c pass 2>/dev/null && command -v python3.10 || echo $(PYTHON))
 GPU_VENV := .venv-gpu
 GPU_TESTS := tests/test_engine.py tests/test_kernels.py tests/test_proxy.py tests/test_serving.py tests/test_scheduler.py \
              tests/test_policy.py tests/test_config.py tests/test_detokenizer.py tests/test_responder.py
