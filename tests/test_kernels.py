@@ -1,7 +1,8 @@
-"""The decode-attention kernel against torch: the same cache writes, the same attention as SDPA
-over each row's own span, for either cache dtype, the head sizes with their own copy and the
-generic one, grouped queries, slots in any order; and the torch runner gives the same greedy
-tokens with it as without it."""
+"""The decode kernels against torch: the attention kernel's cache writes and attention (SDPA over
+each row's own span) for either cache dtype, the head sizes with their own copy and the generic
+one, grouped queries (more per KV head than one chunk takes), slots in any order; the fused
+residual add + RMSNorm and SiLU(gate) * up against Llama's modules (bit for bit in bf16); and
+the torch runner gives the same greedy tokens with them as without them."""
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def reference(qkv, q_heads, k_cache, v_cache, rows, pos, scale, rope):
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: the generic copy
-@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("group", [1, 3, 6])  # 6: a chunk of four query heads, then one of two
 @pytest.mark.parametrize("rotary", [True, False])
 def test_decode_attention_matches_sdpa(dtype, atol, head_dim, group, rotary):
     gen = torch.Generator().manual_seed(head_dim * 10 + group)
@@ -75,13 +76,62 @@ def test_decode_attention_refuses_a_projection_of_the_wrong_width_or_dtype():
             kernels.decode_attention(qkv, 1, cache, cache, torch.tensor([0]), torch.tensor([0]), 0.125)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rmsnorm_matches_llamas_norm(dtype, with_delta):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.randn(576, generator=gen) * 0.3 + 1
+    norm = norm.to(dtype)
+    x = (torch.randn(7, 576, generator=gen) * 3).to(dtype)
+    delta = torch.randn(7, 576, generator=gen).to(dtype) if with_delta else None
+    want_x = x + delta if with_delta else x.clone()
+    want = norm(want_x)
+    got = torch.empty_like(x)
+    kernels.add_rmsnorm(x, delta, norm.weight.data, norm.variance_epsilon, got)
+    assert torch.equal(x, want_x)  # the residual stream, updated in place
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:  # the sum of squares in another order
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(5, 2 * 1536, generator=gen) * 6).to(dtype)
+    gate_up[0, :8] = torch.tensor([-200.0, -90.0, -1e-3, 0.0, 1e-3, 90.0, 200.0, -0.0])  # the extremes
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = kernels.silu_mul(gate_up)
+    assert got.shape == (5, 1536) and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=2e-5)
+
+
+def test_the_pointwise_kernels_refuse_shapes_and_dtypes_they_do_not_take():
+    with pytest.raises(ValueError, match="multiple of"):
+        kernels.add_rmsnorm(torch.zeros(2, 12), None, torch.ones(12), 1e-5, torch.zeros(2, 12))
+    with pytest.raises(ValueError, match="delta"):
+        kernels.add_rmsnorm(torch.zeros(2, 16), torch.zeros(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5,
+                            torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="float16"):
+        kernels.silu_mul(torch.zeros(2, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="multiple of"):
+        kernels.silu_mul(torch.zeros(2, 24))
+
+
 def test_the_runner_gives_the_same_tokens_with_and_without_the_kernel(tiny_model, tokenizer):
     prompts = ["hello there", "a much longer prompt about the sea and the sky", "x", "What is 2+2?"]
     tokens = {}
     for on in (True, False):
         config = EngineConfig(dtype="float32", max_seq_len=128, max_batch_size=4, decode_kernels=on)
         runner = ModelRunner(config, model=tiny_model, tokenizer=tokenizer)
-        assert runner.fast_attention is on
+        assert runner.fast_attention is on and runner.fast_pointwise is on
         engine = Engine(config, runner=runner)
         reqs = [Request(f"r{i}", tokenizer(p)["input_ids"], max_tokens=12 + 3 * i, sink=NullSink(), ignore_eos=True)
                 for i, p in enumerate(prompts)]

@@ -29,9 +29,86 @@ log = logging.getLogger(__name__)
 
 # One copy per cache dtype and head size: {name}; {T} the element type and {D} the head size
 # (a literal, so the compiler unrolls the dot products, or `head_dim`). GCC vector types of LANES
-# floats. Scores take four cached rows at a time, so a dot product's additions run as four
-# independent chains instead of one (one chain waits on each add: three times slower).
+# floats. A KV head's query heads go through in chunks of up to GMAX, each chunk's loops
+# specialized to its size (always_inline with a constant), so that every accumulator stays in a
+# register: scores take KEYS cached rows at a time for all of a chunk's heads (each K row loaded
+# once per chunk, the sums of a row folded by one transpose-add instead of a horizontal sum each),
+# and values take JC vectors of each V row at a time for all of a chunk's heads (each V row read
+# once per JC columns, not once per head). Rows a little ahead are prefetched: the cache is cold,
+# the weights having passed through since the last layer.
 _BODY = r"""
+static inline __attribute__((always_inline)) void scores_{name}(const int64_t gc, const v8f *qv, const {T} *K,
+        const {T} *V, int64_t n, int64_t n8, int64_t head_dim, float scale, float *s, const {T} *nextK,
+        const {T} *nextV, int64_t next_n) {
+    const int64_t D = {D}, W = D / LANES, row = D * (int64_t)sizeof({T});
+    for (int64_t t0 = 0; t0 < n; t0 += KEYS) {
+        int64_t m = n - t0 < KEYS ? n - t0 : KEYS;
+        int64_t ahead = t0 + AHEAD < n ? t0 + AHEAD : n, ahead_end = t0 + AHEAD + KEYS < n ? t0 + AHEAD + KEYS : n;
+        prefetch_rows(K, ahead, ahead_end, row, 0);
+        prefetch_rows(V, ahead, ahead_end, row, 0);
+        if (nextK) {  /* the next (sequence, head)'s rows into L2, a block at a time, the rest with the last block */
+            int64_t to = t0 + KEYS >= n ? next_n : (t0 + KEYS < next_n ? t0 + KEYS : next_n);
+            prefetch_rows(nextK, t0 < next_n ? t0 : next_n, to, row, 1);
+            prefetch_rows(nextV, t0 < next_n ? t0 : next_n, to, row, 1);
+        }
+        const {T} *r0 = K + t0 * D, *r1 = K + (t0 + (m > 1)) * D, *r2 = K + (t0 + 2 * (m > 2)) * D,
+                  *r3 = K + (t0 + 3 * (m > 3)) * D;
+        v8f acc[GMAX][KEYS];
+        for (int64_t g = 0; g < gc; g++)
+            for (int64_t i = 0; i < KEYS; i++) acc[g][i] = (v8f){0};
+        for (int64_t j = 0; j < W; j++) {
+            v8f k0 = load8_{dtype}(r0 + j * LANES), k1 = load8_{dtype}(r1 + j * LANES),
+                k2 = load8_{dtype}(r2 + j * LANES), k3 = load8_{dtype}(r3 + j * LANES);
+            for (int64_t g = 0; g < gc; g++) {
+                v8f x = qv[g * W + j];
+                acc[g][0] += x * k0; acc[g][1] += x * k1; acc[g][2] += x * k2; acc[g][3] += x * k3;
+            }
+        }
+        for (int64_t g = 0; g < gc; g++) {
+            float r[KEYS];
+            reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], r);
+            for (int64_t i = 0; i < m; i++) s[g * n8 + t0 + i] = r[i] * scale;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void values_{name}(const int64_t gc, const int64_t cw, const float *p,
+        const {T} *V, int64_t n, int64_t n8, int64_t head_dim, int64_t j0, v8f *acc) {
+    const int64_t D = {D}, W = D / LANES;
+    v8f a[GMAX][JC];
+    for (int64_t g = 0; g < gc; g++)
+        for (int64_t c = 0; c < cw; c++) a[g][c] = (v8f){0};
+    for (int64_t t = 0; t < n; t++) {
+        v8f vv[JC];
+        for (int64_t c = 0; c < cw; c++) vv[c] = load8_{dtype}(V + t * D + (j0 + c) * LANES);
+        for (int64_t g = 0; g < gc; g++) {
+            v8f w = (v8f){0} + p[g * n8 + t];
+            for (int64_t c = 0; c < cw; c++) a[g][c] += w * vv[c];
+        }
+    }
+    for (int64_t g = 0; g < gc; g++)
+        for (int64_t c = 0; c < cw; c++) acc[g * W + j0 + c] = a[g][c];
+}
+
+static inline __attribute__((always_inline)) void chunk_{name}(const int64_t gc, const v8f *qv, const {T} *K,
+        const {T} *V, int64_t n, int64_t n8, int64_t head_dim, float scale, float *s, v8f *acc, const {T} *nextK,
+        const {T} *nextV, int64_t next_n) {
+    const int64_t D = {D}, W = D / LANES;
+    scores_{name}(gc, qv, K, V, n, n8, head_dim, scale, s, nextK, nextV, next_n);
+    for (int64_t g = 0; g < gc; g++) {  /* softmax, a vector at a time over the padded row */
+        v8f *sg = (v8f *)(s + g * n8), top = sg[0], total = {0};
+        for (int64_t t = 1; t < n8 / LANES; t++) top = max8(top, sg[t]);
+        float mx = top[0];
+        for (int64_t j = 1; j < LANES; j++) mx = top[j] > mx ? top[j] : mx;
+        for (int64_t t = 0; t < n8 / LANES; t++) { sg[t] = exp8(sg[t] - mx); total += sg[t]; }
+        v8f inv = (v8f){0} + 1.f / hsum8(total);
+        for (int64_t t = 0; t < n8 / LANES; t++) sg[t] *= inv;
+    }
+    int64_t j0 = 0;
+    for (; j0 + JC <= W; j0 += JC) values_{name}(gc, JC, s, V, n, n8, head_dim, j0, acc);
+    for (; j0 < W; j0++) values_{name}(gc, 1, s, V, n, n8, head_dim, j0, acc);
+}
+
 void attend_{name}(const {T} *q, const {T} *k, const {T} *v, int64_t stride, const float *cos, const float *sin,
                    {T} *k_cache, {T} *v_cache, const int64_t *rows, const int64_t *pos, int64_t B, int64_t H,
                    int64_t G, int64_t head_dim, int64_t S, float scale, {T} *out) {
@@ -55,55 +132,70 @@ void attend_{name}(const {T} *q, const {T} *k, const {T} *v, int64_t stride, con
         int64_t b = bh / H, h = bh % H, n = pos[b] + 1;
         const {T} *K = k_cache + (rows[b] * H + h) * S * D, *V = v_cache + (rows[b] * H + h) * S * D;
         int64_t n8 = (n + LANES - 1) / LANES * LANES;  /* scores padded to whole vectors, scoring -1e30 */
-        float *s = (float *)aligned_alloc(64, sizeof(float) * G * n8);
-        for (int64_t i = 0; i < G * n8; i++) s[i] = -1e30f;
-        v8f qv[G][W], acc[G][W], kf[4][W];
+        float *s = (float *)aligned_alloc(64, sizeof(float) * GMAX * n8);
+        v8f *qv = (v8f *)aligned_alloc(64, sizeof(v8f) * G * W), *acc = (v8f *)aligned_alloc(64, sizeof(v8f) * G * W);
         for (int64_t g = 0; g < G; g++) {  /* this group's queries, rotated, in fp32 */
             const {T} *qg = q + b * stride + (h * G + g) * D;
             float x[D], y[D];
             for (int64_t d = 0; d < D; d++) x[d] = load_{dtype}(qg[d]);
             if (cos) rope(x, cos + pos[b] * D, sin + pos[b] * D, y, D); else memcpy(y, x, sizeof y);
-            for (int64_t j = 0; j < W; j++) qv[g][j] = load8_f32(y + j * LANES);
+            for (int64_t j = 0; j < W; j++) qv[g * W + j] = load8_f32(y + j * LANES);
         }
-        for (int64_t t0 = 0; t0 < n; t0 += 4) {
-            int64_t m = n - t0 < 4 ? n - t0 : 4;
-            for (int64_t i = 0; i < 4; i++)
-                for (int64_t j = 0; j < W; j++) kf[i][j] = load8_{dtype}(K + (t0 + (i < m ? i : 0)) * D + j * LANES);
-            for (int64_t g = 0; g < G; g++) {
-                v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                for (int64_t j = 0; j < W; j++) {
-                    v8f x = qv[g][j];
-                    a0 += x * kf[0][j]; a1 += x * kf[1][j]; a2 += x * kf[2][j]; a3 += x * kf[3][j];
-                }
-                float r[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-                for (int64_t i = 0; i < m; i++) s[g * n8 + t0 + i] = r[i] * scale;
+        const {T} *nK = NULL, *nV = NULL;
+        int64_t nn = 0;
+        if (bh + 1 < B * H) {
+            int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+            nK = k_cache + (rows[b1] * H + h1) * S * D; nV = v_cache + (rows[b1] * H + h1) * S * D; nn = pos[b1] + 1;
+        }
+        for (int64_t g0 = 0; g0 < G; g0 += GMAX) {
+            for (int64_t i = 0; i < GMAX * n8; i++) s[i] = -1e30f;
+            const v8f *qc = qv + g0 * W;
+            v8f *ac = acc + g0 * W;
+            switch (G - g0 < GMAX ? G - g0 : GMAX) {
+                case 1: chunk_{name}(1, qc, K, V, n, n8, head_dim, scale, s, ac, nK, nV, nn); break;
+                case 2: chunk_{name}(2, qc, K, V, n, n8, head_dim, scale, s, ac, nK, nV, nn); break;
+                case 3: chunk_{name}(3, qc, K, V, n, n8, head_dim, scale, s, ac, nK, nV, nn); break;
+                default: chunk_{name}(4, qc, K, V, n, n8, head_dim, scale, s, ac, nK, nV, nn); break;
             }
-        }
-        for (int64_t g = 0; g < G; g++) {  /* softmax, a vector at a time over the padded row */
-            v8f *sg = (v8f *)(s + g * n8), top = sg[0], total = {0};
-            for (int64_t t = 1; t < n8 / LANES; t++) top = max8(top, sg[t]);
-            float mx = top[0];
-            for (int64_t j = 1; j < LANES; j++) mx = top[j] > mx ? top[j] : mx;
-            for (int64_t t = 0; t < n8 / LANES; t++) { sg[t] = exp8(sg[t] - mx); total += sg[t]; }
-            v8f inv = (v8f){0} + 1.f / hsum8(total);
-            for (int64_t t = 0; t < n8 / LANES; t++) sg[t] *= inv;
-        }
-        for (int64_t g = 0; g < G; g++) {  /* one query head at a time: its sums stay in registers */
-            v8f a[W];
-            for (int64_t j = 0; j < W; j++) a[j] = (v8f){0};
-            const float *p = s + g * n8;
-            for (int64_t t = 0; t < n; t++) {
-                v8f w = (v8f){0} + p[t];
-                for (int64_t j = 0; j < W; j++) a[j] += w * load8_{dtype}(V + t * D + j * LANES);
-            }
-            for (int64_t j = 0; j < W; j++) acc[g][j] = a[j];
         }
         {T} *o = out + bh * G * D;
         for (int64_t g = 0; g < G; g++)
-            for (int64_t j = 0; j < W; j++)
-                for (int64_t l = 0; l < LANES; l++) o[(g * W + j) * LANES + l] = store_{dtype}(acc[g][j][l]);
+            for (int64_t j = 0; j < W; j++) store8_{dtype}(o + (g * W + j) * LANES, acc[g * W + j]);
         free(s);
+        free(qv);
+        free(acc);
     }
+}
+"""
+
+# Residual add and RMSNorm in one pass (Llama's: the sum of squares and the scaling in fp32, the
+# result rounded to the model's dtype, then times the weight), and SiLU(gate) * up, each rounded
+# where torch rounds, so the results match the modules they replace.
+_POINTWISE = r"""
+void add_rmsnorm_{dtype}({T} *x, const {T} *delta, const {T} *w, float eps, {T} *out, int64_t B, int64_t N) {
+    for (int64_t b = 0; b < B; b++) {
+        {T} *xb = x + b * N, *ob = out + b * N;
+        v8f ss = {0};
+        for (int64_t j = 0; j < N; j += LANES) {
+            v8f v = load8_{dtype}(xb + j);
+            if (delta) { v = round8_{dtype}(v + load8_{dtype}(delta + b * N + j)); store8_{dtype}(xb + j, v); }
+            ss += v * v;
+        }
+        float r = 1.f / sqrtf(hsum8(ss) / (float)N + eps);
+        for (int64_t j = 0; j < N; j += LANES)
+            store8_{dtype}(ob + j, round8_{dtype}(load8_{dtype}(xb + j) * r) * load8_{dtype}(w + j));
+    }
+}
+
+void silu_mul_{dtype}(const {T} *gate_up, int64_t stride, {T} *out, int64_t B, int64_t I) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < I; j += LANES) {
+            v8f g = load8_{dtype}(gate_up + b * stride + j), up = load8_{dtype}(gate_up + b * stride + I + j);
+            v8i neg = g < 0;
+            v8f e = exp8((v8f)((v8i)g | INT32_MIN));  /* exp(-|g|) */
+            v8f one = (v8f){0} + 1.f, num = (v8f)((neg & (v8i)e) | (~neg & (v8i)one));
+            store8_{dtype}(out + b * I + j, round8_{dtype}(g * num / (one + e)) * up);
+        }
 }
 """
 
@@ -111,8 +203,13 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define LANES 8  /* 16 (AVX-512) measured slower: the horizontal sums grow */
+#define KEYS 4    /* cached rows scored at a time */
+#define GMAX 4    /* query heads of a KV head taken together */
+#define JC 4      /* value columns (vectors) taken together */
+#define AHEAD 16  /* rows prefetched ahead */
 typedef float v8f __attribute__((vector_size(4 * LANES)));
 typedef uint32_t v8u __attribute__((vector_size(4 * LANES)));
 typedef int32_t v8i __attribute__((vector_size(4 * LANES)));
@@ -137,11 +234,44 @@ static inline v8f load8_bf16(const uint16_t *p) {
     v8u u = __builtin_convertvector(x, v8u) << 16;
     v8f f; memcpy(&f, &u, sizeof f); return f;
 }
+static inline void store8_f32(float *p, v8f x) { memcpy(p, &x, sizeof x); }
+static inline v8f round8_f32(v8f x) { return x; }
+static inline v8u bf16_bits8(v8f f) {  /* round to nearest even, NaN kept, in the top half */
+    v8u u; memcpy(&u, &f, sizeof u);
+    v8u nan = (v8u)((u & 0x7fffffffu) > 0x7f800000u);
+    v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    return (nan & ((u & 0xffff0000u) | 0x00400000u)) | (~nan & r);
+}
+static inline v8f round8_bf16(v8f x) { v8u u = bf16_bits8(x); v8f f; memcpy(&f, &u, sizeof f); return f; }
+static inline void store8_bf16(uint16_t *p, v8f x) {
+    v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h); memcpy(p, &h, sizeof h);
+}
 static inline v8f max8(v8f a, v8f b) { v8i m = a > b; return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+/* the four sums of a0..a3's lanes: pairs, then halves, then the two halves of each */
+static inline void reduce4(v8f a0, v8f a1, v8f a2, v8f a3, float *r) {
+    v8f x = SHUF(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f y = SHUF(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f p = SHUF(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    for (int i = 0; i < 4; i++) r[i] = p[i] + p[i + 4];
+}
+/* rows [from, to) of a span, into L1 or (l2) L2 */
+static inline void prefetch_rows(const void *base, int64_t from, int64_t to, int64_t row_bytes, int l2) {
+    const char *p = (const char *)base;
+    for (int64_t l = from * row_bytes; l < to * row_bytes; l += 64) {
+        if (l2) __builtin_prefetch(p + l, 0, 2); else __builtin_prefetch(p + l, 0, 3);
+    }
+}
+
 static inline float hsum8(v8f v) { float t = 0.f; for (int i = 0; i < LANES; i++) t += v[i]; return t; }
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) by range reduction and a
-   degree-6 polynomial, relative error ~1e-7, branch-free so that it vectorizes */
+   degree-6 polynomial, relative error ~1e-7, branch-free so that it vectorizes; 0 below -87 */
 static inline v8f exp8(v8f x) {
+    v8i under = x < -87.f;  /* below fp32's normal range: 0, as expf gives (to a denormal) */
     x = max8(x, (v8f){0} - 87.f);
     v8f y = x * 1.44269504089f;
     v8i k = __builtin_convertvector(y, v8i);  /* toward zero; one less where that rounded up */
@@ -149,7 +279,7 @@ static inline v8f exp8(v8f x) {
     v8f f = (y - __builtin_convertvector(k, v8f)) * 0.69314718056f;
     v8f p = 1.f + f * (1.f + f * (0.5f + f * (0.166666672f + f * (0.0416666418f + f * (0.00833336077f
             + f * 0.00138888889f)))));
-    return p * (v8f)((k + 127) << 23);
+    return (v8f)(~under & (v8i)(p * (v8f)((k + 127) << 23)));
 }
 /* rotary embedding, Llama's "rotate half" form: y = x cos + (-x2, x1) sin */
 static inline void rope(const float *x, const float *cos, const float *sin, float *y, int64_t D) {
@@ -162,12 +292,25 @@ DTYPES = {"bf16": "uint16_t", "f32": "float"}
 HEAD_DIMS = ("64", "128", "any")  # "any": a multiple of LANES, known at run time
 KERNELS = [f"attend_{dtype}_{d}" for dtype in DTYPES for d in HEAD_DIMS]
 for _dtype, _t in DTYPES.items():
+    SOURCE += _POINTWISE.replace("{dtype}", _dtype).replace("{T}", _t)
     for _d in HEAD_DIMS:
         SOURCE += (_BODY.replace("{name}", f"{_dtype}_{_d}").replace("{dtype}", _dtype).replace("{T}", _t)
                    .replace("{D}", "head_dim" if _d == "any" else _d))
 LANES = 8
 
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+
+def _name(dtype) -> str:
+    """The kernels' name for a torch dtype."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float32:
+        return "f32"
+    raise ValueError(f"the kernels run bf16 or fp32, not {dtype}")
+
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-lm"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,6 +344,13 @@ def library() -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
                       + [ctypes.c_float, ctypes.c_void_p])
+    for dtype in DTYPES:
+        fn = getattr(lib, f"add_rmsnorm_{dtype}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] + [ctypes.c_int64] * 2
+        fn = getattr(lib, f"silu_mul_{dtype}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
@@ -233,6 +383,46 @@ def decode_attention(qkv, q_heads: int, k_cache, v_cache, rows, pos, scale: floa
     fn(q, q + q_heads * d * size, q + (q_heads + kv_heads) * d * size, qkv.stride(0), cos, sin, k_cache.data_ptr(),
        v_cache.data_ptr(), rows.data_ptr(), pos.data_ptr(), b, kv_heads, q_heads // kv_heads, d, max_len, scale,
        out.data_ptr())
+    return out
+
+
+def _rows(t, width: int, dtype, name: str) -> None:
+    if t.dim() != 2 or t.shape[1] % LANES or t.stride(1) != 1 or t.dtype != dtype or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU [B, N] tensor in {dtype}, rows contiguous, N a multiple of "
+                         f"{LANES}; got {tuple(t.shape)} {t.dtype}")
+    if width and t.shape[1] != width:
+        raise ValueError(f"{name} must have {width} columns, got {t.shape[1]}")
+
+
+def add_rmsnorm(x, delta, weight, eps: float, out):
+    """x += delta (where delta is not None), then out = weight * rmsnorm(x), as Llama's RMSNorm
+    computes it (in fp32, rounded to x's dtype before the weight). x, delta, out [B, N] contiguous
+    in one dtype, weight [N]; x is updated in place. Returns out."""
+    _name(weight.dtype)
+    n = weight.shape[0]
+    for t, name in ((x, "x"), (out, "out")) + (() if delta is None else ((delta, "delta"),)):
+        _rows(t, n, weight.dtype, name)
+        if not t.is_contiguous() or t.shape[0] != x.shape[0]:
+            raise ValueError(f"{name} must be contiguous with x's {x.shape[0]} rows")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    getattr(library(), f"add_rmsnorm_{_name(weight.dtype)}")(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(),
+        x.shape[0], n)
+    return out
+
+
+def silu_mul(gate_up):
+    """SiLU(gate) * up for gate_up = [gate | up] ([B, 2I], rows contiguous): [B, I] in its dtype."""
+    import torch
+
+    name = _name(gate_up.dtype)
+    _rows(gate_up, 0, gate_up.dtype, "gate_up")
+    if gate_up.shape[1] % (2 * LANES):
+        raise ValueError(f"gate_up's width must be a multiple of {2 * LANES}, got {gate_up.shape[1]}")
+    b, i = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(b, i, dtype=gate_up.dtype)
+    getattr(library(), f"silu_mul_{name}")(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), b, i)
     return out
 
 

@@ -59,6 +59,9 @@ def prefill_width(longest: int, limit: int) -> int:
     return min(width, limit) if longest <= limit else longest
 
 
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # one formula: w * rmsnorm(x)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         from .assets import resolve_llm
@@ -96,6 +99,7 @@ class ModelRunner:
         self.fused = [self._fuse(layer) for layer in self.layers]
         self.head = self._linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
         self.fast_attention = config.decode_kernels and kernels.supports(self.k_cache)
+        self.fast_pointwise = self.fast_attention and self._llama_pointwise()
         self.rope = (self.cos.float().contiguous(), self.sin.float().contiguous())  # the kernel's tables
         # CUDA graphs of the decode step, one per batch-size bucket (captured at first use)
         self.static_decode = config.cuda_graphs and self.device.type == "cuda"
@@ -108,6 +112,17 @@ class ModelRunner:
             type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
             2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
         )
+
+    def _llama_pointwise(self) -> bool:
+        """The norms are Llama's RMSNorm and the MLP is SiLU(gate) * up, at widths the kernels take:
+        then kernels.add_rmsnorm and kernels.silu_mul stand in for them in the decode step."""
+        norms = [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        rms = all(type(n).__name__ in RMS_NORMS and hasattr(n, "variance_epsilon") and n.weight.dtype == self.dtype
+                  for n in norms)
+        silu = all("gate_up" in f and type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+                   for f, layer in zip(self.fused, self.layers))
+        hidden, inner = self.norm.weight.shape[0], self.layers[0].mlp.down_proj.in_features
+        return rms and silu and hidden % kernels.LANES == 0 and inner % (2 * kernels.LANES) == 0
 
     @staticmethod
     def _rotate(x, cos, sin):
@@ -200,19 +215,7 @@ class ModelRunner:
         rows = torch.arange(b, device=self.device) if compact else torch.tensor(slots, device=self.device)
         x = self.embed(tok)[:, None]
         if self.fast_attention:  # kernels.decode_attention: rotary, cache write, attention over each row's span
-            for i, layer in enumerate(self.layers):
-                attn, h = layer.self_attn, layer.input_layernorm(x)
-                if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary, here in torch
-                    q, k, v = self._qkv(i, attn, h, b, 1)
-                    q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-                    qkv, rope = torch.cat([t.reshape(b, -1) for t in (q, k, v)], dim=-1), None
-                else:
-                    qkv, rope = self.fused[i]["qkv"](h), self.rope
-                out = kernels.decode_attention(qkv, self.num_heads, self.k_cache[i], self.v_cache[i], rows, pos,
-                                               self.scaling, rope)
-                x = x + self.fused[i]["o"](out.view(b, 1, -1))
-                x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-            return self.head(self.norm(x[:, 0])).float()
+            return self._decode_fast(x, b, rows, pos, cos, sin)
         span = int(max(positions)) + 1
         mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
         for i, layer in enumerate(self.layers):
@@ -232,6 +235,37 @@ class ModelRunner:
             x = x + self.fused[i]["o"](out.reshape(b, 1, -1))
             x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         return self.head(self.norm(x[:, 0])).float()
+
+    def _decode_fast(self, x, b: int, rows, pos, cos, sin) -> torch.Tensor:
+        """decode() on the CPU kernels: the attention kernel in each layer, and with fast_pointwise
+        each residual add fused into the norm after it and SiLU(gate) * up in one pass."""
+        fused_norms = self.fast_pointwise
+        if fused_norms:
+            x = x[:, 0].contiguous()
+            h = torch.empty_like(x)
+            kernels.add_rmsnorm(x, None, self.layers[0].input_layernorm.weight, self.layers[0].input_layernorm.variance_epsilon, h)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            if not fused_norms:
+                h = layer.input_layernorm(x)
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary, here in torch
+                q, k, v = self._qkv(i, attn, h.view(b, 1, -1), b, 1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                qkv, rope = torch.cat([t.reshape(b, -1) for t in (q, k, v)], dim=-1), None
+            else:
+                qkv, rope = self.fused[i]["qkv"](h), self.rope
+            out = kernels.decode_attention(qkv, self.num_heads, self.k_cache[i], self.v_cache[i], rows, pos,
+                                           self.scaling, rope)
+            if not fused_norms:
+                x = x + self.fused[i]["o"](out.view(b, 1, -1))
+                x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
+                continue
+            post = layer.post_attention_layernorm
+            kernels.add_rmsnorm(x, self.fused[i]["o"](out), post.weight, post.variance_epsilon, h)
+            down = self.fused[i]["down"](kernels.silu_mul(self.fused[i]["gate_up"](h)))
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            kernels.add_rmsnorm(x, down, norm.weight, norm.variance_epsilon, h)
+        return self.head(h if fused_norms else self.norm(x[:, 0])).float()
 
     # ---- decode at fixed shapes: CUDA graphs ----------------------------------------------
     # A decode step launches some 15 kernels per layer; on a GPU at small batches launching them
