@@ -204,6 +204,9 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define LANES 8  /* 16 (AVX-512) measured slower: the horizontal sums grow */
 #define KEYS 4    /* cached rows scored at a time */
@@ -230,9 +233,14 @@ static inline uint16_t store_bf16(float f) {  /* round to nearest even, as torch
 }
 static inline v8f load8_f32(const float *p) { v8f f; memcpy(&f, p, sizeof f); return f; }
 static inline v8f load8_bf16(const uint16_t *p) {
+#ifdef __AVX2__  /* one widening move (the generic form takes two and an insert) */
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (v8f)_mm256_castsi256_ps(u);
+#else
     v8h x; memcpy(&x, p, sizeof x);
     v8u u = __builtin_convertvector(x, v8u) << 16;
     v8f f; memcpy(&f, &u, sizeof f); return f;
+#endif
 }
 static inline void store8_f32(float *p, v8f x) { memcpy(p, &x, sizeof x); }
 static inline v8f round8_f32(v8f x) { return x; }
@@ -242,10 +250,15 @@ static inline v8u bf16_bits8(v8f f) {  /* round to nearest even, NaN kept, in th
     v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     return (nan & ((u & 0xffff0000u) | 0x00400000u)) | (~nan & r);
 }
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)  /* the CPU's own rounding (to nearest even) */
+static inline void store8_bf16(uint16_t *p, v8f x) { __m128bh h = _mm256_cvtneps_pbh((__m256)x); memcpy(p, &h, sizeof h); }
+static inline v8f round8_bf16(v8f x) { uint16_t h[8]; store8_bf16(h, x); return load8_bf16(h); }
+#else
 static inline v8f round8_bf16(v8f x) { v8u u = bf16_bits8(x); v8f f; memcpy(&f, &u, sizeof f); return f; }
 static inline void store8_bf16(uint16_t *p, v8f x) {
     v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h); memcpy(p, &h, sizeof h);
 }
+#endif
 static inline v8f max8(v8f a, v8f b) { v8i m = a > b; return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
 #if defined(__clang__) || __GNUC__ >= 12
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -386,29 +399,21 @@ def decode_attention(qkv, q_heads: int, k_cache, v_cache, rows, pos, scale: floa
     return out
 
 
-def _rows(t, width: int, dtype, name: str) -> None:
-    if t.dim() != 2 or t.shape[1] % LANES or t.stride(1) != 1 or t.dtype != dtype or t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU [B, N] tensor in {dtype}, rows contiguous, N a multiple of "
-                         f"{LANES}; got {tuple(t.shape)} {t.dtype}")
-    if width and t.shape[1] != width:
-        raise ValueError(f"{name} must have {width} columns, got {t.shape[1]}")
-
-
 def add_rmsnorm(x, delta, weight, eps: float, out):
     """x += delta (where delta is not None), then out = weight * rmsnorm(x), as Llama's RMSNorm
     computes it (in fp32, rounded to x's dtype before the weight). x, delta, out [B, N] contiguous
-    in one dtype, weight [N]; x is updated in place. Returns out."""
-    _name(weight.dtype)
-    n = weight.shape[0]
-    for t, name in ((x, "x"), (out, "out")) + (() if delta is None else ((delta, "delta"),)):
-        _rows(t, n, weight.dtype, name)
-        if not t.is_contiguous() or t.shape[0] != x.shape[0]:
-            raise ValueError(f"{name} must be contiguous with x's {x.shape[0]} rows")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
-    getattr(library(), f"add_rmsnorm_{_name(weight.dtype)}")(
-        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(),
-        x.shape[0], n)
+    CPU tensors in weight's dtype, weight [N], N a multiple of LANES; x is updated in place.
+    Returns out. (Checked on every call, cheaply: the decode step makes 2 per layer.)"""
+    name, n, rows = _name(weight.dtype), weight.shape[0], x.shape[0]
+    for t, what in ((x, "x"), (out, "out"), (delta, "delta"), (weight, "weight")):
+        if t is not None and not (t.is_cpu and t.is_contiguous() and t.dtype == weight.dtype
+                                  and t.shape == ((n,) if what == "weight" else (rows, n))):
+            raise ValueError(f"{what} must be a contiguous CPU tensor in {weight.dtype} shaped "
+                             f"{[n] if what == 'weight' else [rows, n]}; got {list(t.shape)} {t.dtype}")
+    if n % LANES:
+        raise ValueError(f"the width {n} is not a multiple of {LANES}")
+    getattr(library(), f"add_rmsnorm_{name}")(x.data_ptr(), None if delta is None else delta.data_ptr(),
+                                              weight.data_ptr(), eps, out.data_ptr(), rows, n)
     return out
 
 
@@ -417,7 +422,8 @@ def silu_mul(gate_up):
     import torch
 
     name = _name(gate_up.dtype)
-    _rows(gate_up, 0, gate_up.dtype, "gate_up")
+    if not (gate_up.is_cpu and gate_up.dim() == 2 and gate_up.stride(1) == 1):
+        raise ValueError(f"gate_up must be a CPU [B, 2I] tensor with contiguous rows; got {list(gate_up.shape)}")
     if gate_up.shape[1] % (2 * LANES):
         raise ValueError(f"gate_up's width must be a multiple of {2 * LANES}, got {gate_up.shape[1]}")
     b, i = gate_up.shape[0], gate_up.shape[1] // 2
