@@ -125,6 +125,50 @@ def test_the_pointwise_kernels_refuse_shapes_and_dtypes_they_do_not_take():
         kernels.silu_mul(torch.zeros(2, 24))
 
 
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="this CPU has no AMX bf16 tiles")
+
+
+@needs_amx
+@pytest.mark.parametrize("n, k", [(576, 576), (960, 1536), (80, 64), (48, 32), (16, 96)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_linear_matches_torch_at_every_row_count(n, k, with_bias):
+    """Row counts on every path: one A tile (1..16, 17 overlapping), 32-row pairs (32, 45, 128);
+    column counts leaving 1, 3 or 4 blocks in the last group."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    packed = kernels.pack_amx(w)
+    for m in (1, 7, 16, 17, 32, 45, 128):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        got = kernels.amx_linear(x, packed, n, None if bias is None else bias.float())
+        exact = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        torch_bf16 = F.linear(x, w, bias).float()
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        # fp32 sums rounded once: within bf16's rounding of the exact product, as torch's own
+        assert (got.float() - exact).abs().max() <= 1.5 * (torch_bf16 - exact).abs().max() + 1e-3, m
+        assert (got.float() - exact).abs().mean() <= 1.5 * (torch_bf16 - exact).abs().mean() + 1e-4, m
+
+
+@needs_amx
+def test_cpu_linear_runs_amx_at_decode_rows_and_torch_above():
+    from ssjf.cpus import linear
+
+    w = (torch.randn(64, 64) * 0.1).bfloat16()
+    run = linear(w, None)
+    big = torch.randn(kernels.AMX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(run(big), F.linear(big, w))  # above AMX_ROWS: F.linear itself
+    x = torch.randn(2, 3, 64).bfloat16()  # leading dimensions kept
+    assert run(x).shape == (2, 3, 64)
+    torch.testing.assert_close(run(x), F.linear(x, w), atol=2e-2, rtol=2e-2)
+
+
+def test_pack_amx_refuses_shapes_it_cannot_tile():
+    with pytest.raises(ValueError, match="N % 16"):
+        kernels.pack_amx(torch.zeros(24, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="K % 32"):
+        kernels.pack_amx(torch.zeros(16, 48, dtype=torch.bfloat16))
+
+
 def test_the_runner_gives_the_same_tokens_with_and_without_the_kernel(tiny_model, tokenizer):
     prompts = ["hello there", "a much longer prompt about the sea and the sky", "x", "What is 2+2?"]
     tokens = {}

@@ -95,8 +95,8 @@ class EngineConfig:
     chat_template: bool = setting(True, "wrap prompts in the model's chat template")
     num_threads: int = setting(0, "CPU cores for generation, bound to the engine thread; 0: all but one (the last "
                                   "serves Triton, the proxy and the sends)")
-    decode_kernels: bool = setting(True, "torch runner on CPU: the built decode-attention kernel (needs a C compiler; "
-                                         "off: torch's SDPA)")
+    decode_kernels: bool = setting(True, "torch runner on CPU: the built decode kernels (attention with rotary, "
+                                         "residual add + RMSNorm, SiLU(gate) * up; needs a C compiler; off: torch's ops)")
     cuda_graphs: bool = setting(True, "torch runner on CUDA: decode steps replayed from CUDA graphs, one per "
                                       "batch-size bucket (captured at first use)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")

@@ -73,8 +73,11 @@ def linear(weight, bias=None, *, int8: bool = False, rows: int = 1):
     """x -> x @ weight.T + bias, in the fastest form this machine has, chosen once per weight:
       int8: the weight in int8 (per output channel), activations quantized on the fly (fbgemm's
             dynamic linear; a CPU without native bf16 runs it about twice as fast as fp32);
-      a bf16 weight on a CPU: packed once into oneDNN's blocked layout (`rows`: the typical batch),
-            which F.linear would redo on every call;
+      a bf16 weight on a CPU with AMX: packed once for kernels.amx_linear at up to AMX_ROWS rows
+            (decode: half oneDNN's time at small shapes), F.linear above (prefill, where oneDNN's
+            blocking wins and the reorder is small beside the product);
+      a bf16 weight on other CPUs: packed once into oneDNN's blocked layout (`rows`: the typical
+            batch), which F.linear would redo on every call;
       anything else: F.linear."""
     import torch
     import torch.nn.functional as F
@@ -87,6 +90,19 @@ def linear(weight, bias=None, *, int8: bool = False, rows: int = 1):
         packed = torch.ops.quantized.linear_prepack(qweight, qbias)
         return lambda x: torch.ops.quantized.linear_dynamic(x, packed)
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        from . import kernels
+
+        n, k = weight.shape
+        if n % 16 == 0 and k % 32 == 0 and kernels.amx():  # AMX: our kernel at decode's few rows
+            packed, fbias = kernels.pack_amx(weight), None if bias is None else bias.detach().float().contiguous()
+
+            def run(x):
+                rows = x.reshape(-1, k)
+                if rows.shape[0] > kernels.AMX_ROWS or rows.stride(1) != 1:
+                    return F.linear(x, weight, bias)
+                return kernels.amx_linear(rows, packed, n, fbias).view(*x.shape[:-1], n)
+
+            return run
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
             run = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # noqa: E731

@@ -301,6 +301,123 @@ static inline void rope(const float *x, const float *cos, const float *sin, floa
     for (int64_t d = half; d < D; d++) y[d] = x[d] * cos[d] + x[d - half] * sin[d];
 }
 """
+# bf16 matrix products on Intel AMX, for the decode step's few rows. oneDNN's packed matmul spent
+# 22 us on a 16 x 576 x 576 product that takes 11 here, the rest being per-call work; the step
+# makes 121 of them. The weight is packed once (pack_amx) into groups of four 16-column blocks;
+# within a group, for each 32-wide slice of K, each block's 32 x 16 tile in the VNNI pair layout
+# AMX reads (1 KiB), so that a group streams from memory in order. Up to 16 rows: one A tile feeds
+# four products (64 columns); 32 rows and more: two A and two B tiles feed four (32 x 32).
+_AMX = r"""
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <sys/syscall.h>
+#include <unistd.h>
+typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+int amx_ready(void) {  /* Linux hands out the tile registers on request (once per process) */
+    static int ready = -1;
+    if (ready < 0) ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return ready;
+}
+static inline void amx_tiles(int64_t rows) {  /* every tile rows x 64 bytes; B tiles 16 rows */
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.rows[t] = (uint8_t)(t < 5 ? rows : 16); c.colsb[t] = 64; }
+    _tile_loadconfig(&c);
+}
+static inline void amx_out(const float *acc, int64_t ld, const float *bias, uint16_t *y, int64_t cols) {
+    for (int64_t c = 0; c < cols; c += LANES) {
+        v8f v = load8_f32(acc + c);
+        if (bias) v += load8_f32(bias + c);
+        store8_bf16(y + c, v);
+    }
+}
+/* y[m, N] = x[m, K] @ W.T (+ bias, fp32), W packed by pack_amx; K % 32 == 0, N % 16 == 0 */
+void amx_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint16_t *w, int64_t N,
+                const float *bias, uint16_t *y, int64_t ldy) {
+    if (m <= 0) return;
+    const int64_t KB = K / 32, groups = (N + 63) / 64, rows = m < 16 ? m : 16, sx = ldx * 2;
+    #pragma omp parallel
+    {
+        amx_tiles(rows);
+        float acc[32 * 64] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t cnt = N - g * 64 >= 64 ? 4 : (N - g * 64) / 16;
+            const uint16_t *wg = w + g * 64 * K;
+            const float *bg = bias ? bias + g * 64 : 0;
+            if (m >= 32) {
+                for (int64_t h = 0; h < cnt; h += 2) {
+                    const int two = h + 1 < cnt;
+                    for (int64_t rp = 0; rp < m; rp += 32) {
+                        const int64_t r0 = rp + 32 > m ? m - 32 : rp;  /* the last pair overlaps: same values */
+                        const uint16_t *x0 = x + r0 * ldx, *x1 = x0 + 16 * ldx;
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                        for (int64_t kb = 0; kb < KB; kb++) {
+                            const uint16_t *t = wg + (kb * cnt + h) * 512;
+                            _tile_loadd(4, x0 + kb * 32, sx);
+                            _tile_loadd(6, t, 64);
+                            _tile_loadd(5, x1 + kb * 32, sx);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(2, 5, 6);
+                            if (two) {
+                                _tile_loadd(7, t + 512, 64);
+                                _tile_dpbf16ps(1, 4, 7);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                        }
+                        _tile_stored(0, acc, 128); _tile_stored(1, acc + 16, 128);
+                        _tile_stored(2, acc + 512, 128); _tile_stored(3, acc + 528, 128);
+                        for (int64_t r = 0; r < 32; r++)
+                            amx_out(acc + r * 32, 32, bg ? bg + h * 16 : 0, y + (r0 + r) * ldy + g * 64 + h * 16,
+                                    (1 + two) * 16);
+                    }
+                }
+                continue;
+            }
+            for (int64_t r0 = 0; r0 < m; r0 += 16) {
+                const int64_t at = r0 + rows > m ? m - rows : r0;
+                const uint16_t *xr = x + at * ldx;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                if (cnt == 4) {
+                    for (int64_t kb = 0; kb < KB; kb++) {
+                        const uint16_t *t = wg + kb * 4 * 512;
+                        _mm_prefetch((const char *)(t + 8 * 512), _MM_HINT_T0);  /* two slices ahead */
+                        _mm_prefetch((const char *)(t + 8 * 512 + 32), _MM_HINT_T0);
+                        _tile_loadd(4, xr + kb * 32, sx);
+                        _tile_loadd(5, t, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, t + 512, 64);
+                        _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(7, t + 1024, 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_loadd(5, t + 1536, 64);
+                        _tile_dpbf16ps(3, 4, 5);
+                    }
+                } else {
+                    for (int64_t kb = 0; kb < KB; kb++) {
+                        const uint16_t *t = wg + kb * cnt * 512;
+                        _tile_loadd(4, xr + kb * 32, sx);
+                        _tile_loadd(5, t, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        if (cnt > 1) { _tile_loadd(6, t + 512, 64); _tile_dpbf16ps(1, 4, 6); }
+                        if (cnt > 2) { _tile_loadd(7, t + 1024, 64); _tile_dpbf16ps(2, 4, 7); }
+                    }
+                }
+                _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256);
+                _tile_stored(2, acc + 32, 256); _tile_stored(3, acc + 48, 256);
+                for (int64_t r = 0; r < rows; r++) amx_out(acc + r * 64, 64, bg, y + (at + r) * ldy + g * 64, cnt * 16);
+            }
+        }
+        _tile_release();
+    }
+}
+#else
+int amx_ready(void) { return 0; }
+void amx_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint16_t *w, int64_t N,
+                const float *bias, uint16_t *y, int64_t ldy) { abort(); }
+#endif
+"""
 DTYPES = {"bf16": "uint16_t", "f32": "float"}
 HEAD_DIMS = ("64", "128", "any")  # "any": a multiple of LANES, known at run time
 KERNELS = [f"attend_{dtype}_{d}" for dtype in DTYPES for d in HEAD_DIMS]
@@ -309,6 +426,7 @@ for _dtype, _t in DTYPES.items():
     for _d in HEAD_DIMS:
         SOURCE += (_BODY.replace("{name}", f"{_dtype}_{_d}").replace("{dtype}", _dtype).replace("{T}", _t)
                    .replace("{D}", "head_dim" if _d == "any" else _d))
+SOURCE += _AMX
 LANES = 8
 
 
@@ -364,6 +482,10 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"silu_mul_{dtype}")
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.amx_ready.restype = ctypes.c_int
+    lib.amx_linear.restype = None
+    lib.amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+                               + [ctypes.c_void_p] * 2 + [ctypes.c_int64])
     return lib
 
 
@@ -439,3 +561,38 @@ def supports(k_cache) -> bool:
 
     return (k_cache.device.type == "cpu" and k_cache.dtype in (torch.bfloat16, torch.float32)
             and k_cache.is_contiguous() and k_cache.shape[-1] % LANES == 0 and library() is not None)
+
+
+AMX_ROWS = 128  # above this many rows oneDNN's blocking wins (prefill); at or below, amx_linear
+
+
+def amx() -> bool:
+    """The kernels built with AMX's bf16 tiles and the kernel granted them to this process."""
+    lib = library()
+    return lib is not None and lib.amx_ready() == 1
+
+
+def pack_amx(weight):
+    """A bf16 weight [N, K] (N % 16 == 0, K % 32 == 0) in amx_linear's layout: groups of up to four
+    16-column blocks, each group K / 32 slices of its blocks' VNNI tiles (pairs of K adjacent)."""
+    n, k = weight.shape
+    if weight.dtype.itemsize != 2 or n % 16 or k % 32:
+        raise ValueError(f"pack_amx takes a bf16 [N, K] weight with N % 16 == 0 and K % 32 == 0, got {list(weight.shape)}")
+    tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)  # block, slice, pair, col, 2
+    groups = [tiles[b : b + 4].transpose(0, 1).reshape(-1) for b in range(0, n // 16, 4)]
+    import torch
+
+    return torch.cat(groups).contiguous()
+
+
+def amx_linear(x, packed, n: int, bias=None):
+    """x [M, K] (rows contiguous, bf16) @ W.T (+ bias, fp32 [N]) for W packed by pack_amx: [M, N] bf16."""
+    import torch
+
+    m, k = x.shape
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or packed.numel() != n * k or k % 32:
+        raise ValueError(f"amx_linear: x {list(x.shape)} does not match a packed [{n}, {packed.numel() // max(n, 1)}] weight")
+    y = torch.empty(m, n, dtype=x.dtype)
+    library().amx_linear(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n,
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), n)
+    return y

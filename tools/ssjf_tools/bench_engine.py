@@ -115,13 +115,16 @@ def main(argv=None) -> dict:
         vengine = Engine(vconfig)
         runs["ssjf_engine_vllm"] = lambda: bench_engine(vengine, prompts, args.new_tokens)
         runs["vllm_bare"] = lambda: bench_vllm_bare(vengine.runner.engine, prompts, args.new_tokens)
-    results = {}
-    for name, fn in runs.items():
-        if name.replace("hf_", "").replace("_static", "") in skip:
-            continue
-        best = max(fn() for _ in range(args.repeats))
-        results[name] = round(best, 1)
-        print(f"{name:22s} {best:8.1f} tokens/s", flush=True)
+    runs = {name: fn for name, fn in runs.items() if name.replace("hf_", "").replace("_static", "") not in skip}
+    # rounds interleave the engines (A B C, A B C): a machine that speeds up or slows down while the
+    # benchmark runs shifts every engine's best alike instead of favouring whichever ran last
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            best[name] = max(best.get(name, 0.0), fn())
+    results = {name: round(v, 1) for name, v in best.items()}
+    for name, v in results.items():
+        print(f"{name:22s} {v:8.1f} tokens/s", flush=True)
     report = {"config": {"model": args.model, "device": args.device, "dtype": str(engine.runner.dtype),
                          "concurrency": args.concurrency, "new_tokens": args.new_tokens,
                          "machine": machine()}, "tokens_per_s": results}
