@@ -164,3 +164,14 @@ def test_slo_capacity_is_the_highest_rate_before_the_first_miss():
     assert "| continuous | ssjf | 1 | 1.17 | 1.56x |" in md and "| continuous | sjf_oracle | 2 (or more) | 2.00 | - |" in md
     loose = markdown({"config": {"arrivals": "poisson", "num_requests": 5}, "runs": runs, "slo": slo_capacity(runs, 3.5)})
     assert "| continuous | ssjf | 1.5 | 1.82 | - |" in loose  # FCFS meets a loose SLO everywhere: no ratio to a bound
+
+
+def test_bench_engine_times_one_decode_step_of_the_torch_runner(tiny_model, tokenizer):
+    from ssjf.config import EngineConfig
+    from ssjf.model_runner import ModelRunner
+    from ssjf_tools.bench_engine import bench_decode_step
+
+    runner = ModelRunner(EngineConfig(dtype="float32", max_seq_len=128, max_batch_size=2), model=tiny_model,
+                         tokenizer=tokenizer)
+    ms = bench_decode_step(runner, [[1, 2, 3], [4, 5]], steps=3, ahead=10)
+    assert 0 < ms < 10_000

@@ -43,6 +43,24 @@ def bench_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> f
     return len(reqs) * new_tokens / elapsed
 
 
+def bench_decode_step(runner, prompts: list[list[int]], steps: int = 20, ahead: int = 50) -> float:
+    """The torch runner's decode step alone, in ms (median of `steps`): the prompts prefilled into
+    slots 0..N-1, every row `ahead` tokens past its prompt (the cache rows there hold the prompt's
+    neighbours' values; the timing does not depend on them)."""
+    import statistics
+
+    runner.threads.bind("bench")
+    runner.prefill(list(range(len(prompts))), prompts)
+    tokens, positions = [1] * len(prompts), [len(p) + ahead for p in prompts]
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        runner.decode(tokens, positions)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def bench_vllm_bare(llm, prompts: list[list[int]], new_tokens: int) -> float:
     from vllm import SamplingParams
 
@@ -128,6 +146,9 @@ def main(argv=None) -> dict:
     report = {"config": {"model": args.model, "device": args.device, "dtype": str(engine.runner.dtype),
                          "concurrency": args.concurrency, "new_tokens": args.new_tokens,
                          "machine": machine()}, "tokens_per_s": results}
+    if "ssjf_engine" in results:  # where the torch runner's time goes: one decode step alone
+        report["torch_decode_step_ms"] = round(bench_decode_step(engine.runner, prompts), 2)
+        print(f"torch runner decode step {report['torch_decode_step_ms']:.2f} ms", flush=True)
     if "hf_generate_static" in results:
         report["engine_vs_generate"] = round(results["ssjf_engine"] / results["hf_generate_static"], 2)
     if "hf_generate_batch" in results:
