@@ -81,9 +81,9 @@ def test_eval_proxy_online_reports_second_half_and_frozen_tau(tmp_path):
 
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(240):  # a source whose lengths the shipped artifact never learned: the word "essay" doubles them
+    for i in range(240):  # a source whose lengths the shipped artifact has backwards: its "essays" are one word
         essay = i % 2 == 0
-        n = int(rng.integers(150, 200)) if essay else int(rng.integers(3, 12))
+        n = int(rng.integers(3, 12)) if essay else int(rng.integers(150, 200))
         lines.append({"prompt": f"Write {'an essay' if essay else 'one line'} about item {i}.", "response": "word " * n})
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in lines))
@@ -93,7 +93,7 @@ def test_eval_proxy_online_reports_second_half_and_frozen_tau(tmp_path):
                 "p50_latency_ms", "windows", "refits"):
         assert key in report, key
     assert report["n"] == 120  # the second half
-    assert report["kendall_tau"] >= report["frozen_kendall_tau"]
+    assert report["frozen_kendall_tau"] < 0 < report["kendall_tau"]  # the learner turned the ranking round
     assert len(report["windows"]) == 8 and report["refits"]["every_rows"] == 40
 
 

@@ -101,7 +101,7 @@ def linear(weight, bias=None, *, int8: bool = False, rows: int = 1):
                 rows = x.reshape(-1, k)
                 if rows.shape[0] > kernels.AMX_ROWS or rows.stride(1) != 1:
                     return F.linear(x, weight, bias)
-                return kernels.amx_linear(rows, packed, n, fbias).view(*x.shape[:-1], n)
+                return kernels.amx_linear(rows, packed, fbias).view(*x.shape[:-1], n)
 
             return run
         try:

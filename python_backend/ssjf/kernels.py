@@ -325,7 +325,7 @@ static inline void amx_tiles(int64_t rows) {  /* every tile rows x 64 bytes; B t
     for (int t = 0; t < 8; t++) { c.rows[t] = (uint8_t)(t < 5 ? rows : 16); c.colsb[t] = 64; }
     _tile_loadconfig(&c);
 }
-static inline void amx_out(const float *acc, int64_t ld, const float *bias, uint16_t *y, int64_t cols) {
+static inline void amx_out(const float *acc, const float *bias, uint16_t *y, int64_t cols) {
     for (int64_t c = 0; c < cols; c += LANES) {
         v8f v = load8_f32(acc + c);
         if (bias) v += load8_f32(bias + c);
@@ -369,7 +369,7 @@ void amx_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint
                         _tile_stored(0, acc, 128); _tile_stored(1, acc + 16, 128);
                         _tile_stored(2, acc + 512, 128); _tile_stored(3, acc + 528, 128);
                         for (int64_t r = 0; r < 32; r++)
-                            amx_out(acc + r * 32, 32, bg ? bg + h * 16 : 0, y + (r0 + r) * ldy + g * 64 + h * 16,
+                            amx_out(acc + r * 32, bg ? bg + h * 16 : 0, y + (r0 + r) * ldy + g * 64 + h * 16,
                                     (1 + two) * 16);
                     }
                 }
@@ -406,7 +406,7 @@ void amx_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint
                 }
                 _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256);
                 _tile_stored(2, acc + 32, 256); _tile_stored(3, acc + 48, 256);
-                for (int64_t r = 0; r < rows; r++) amx_out(acc + r * 64, 64, bg, y + (at + r) * ldy + g * 64, cnt * 16);
+                for (int64_t r = 0; r < rows; r++) amx_out(acc + r * 64, bg, y + (at + r) * ldy + g * 64, cnt * 16);
             }
         }
         _tile_release();
@@ -574,24 +574,25 @@ def amx() -> bool:
 
 def pack_amx(weight):
     """A bf16 weight [N, K] (N % 16 == 0, K % 32 == 0) in amx_linear's layout: groups of up to four
-    16-column blocks, each group K / 32 slices of its blocks' VNNI tiles (pairs of K adjacent)."""
+    16-column blocks, each group K / 32 slices of its blocks' VNNI tiles (pairs of K adjacent).
+    Shaped [N, K] still, so that the product's sizes come with it (its rows are not W's rows)."""
+    import torch
+
     n, k = weight.shape
     if weight.dtype.itemsize != 2 or n % 16 or k % 32:
         raise ValueError(f"pack_amx takes a bf16 [N, K] weight with N % 16 == 0 and K % 32 == 0, got {list(weight.shape)}")
     tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)  # block, slice, pair, col, 2
     groups = [tiles[b : b + 4].transpose(0, 1).reshape(-1) for b in range(0, n // 16, 4)]
+    return torch.cat(groups).view(n, k)
+
+
+def amx_linear(x, packed, bias=None):
+    """x [M, K] (rows contiguous, bf16) @ W.T (+ bias, fp32 [N]) for W [N, K] packed by pack_amx: [M, N] bf16."""
     import torch
 
-    return torch.cat(groups).contiguous()
-
-
-def amx_linear(x, packed, n: int, bias=None):
-    """x [M, K] (rows contiguous, bf16) @ W.T (+ bias, fp32 [N]) for W packed by pack_amx: [M, N] bf16."""
-    import torch
-
-    m, k = x.shape
-    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or packed.numel() != n * k or k % 32:
-        raise ValueError(f"amx_linear: x {list(x.shape)} does not match a packed [{n}, {packed.numel() // max(n, 1)}] weight")
+    (m, k), n = x.shape, packed.shape[0]
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or packed.shape[1] != k:
+        raise ValueError(f"amx_linear: x {list(x.shape)} ({x.dtype}) does not match a packed {list(packed.shape)} weight")
     y = torch.empty(m, n, dtype=x.dtype)
     library().amx_linear(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n,
                          None if bias is None else bias.data_ptr(), y.data_ptr(), n)
