@@ -126,27 +126,47 @@ def test_the_pointwise_kernels_refuse_shapes_and_dtypes_they_do_not_take():
 
 
 needs_amx = pytest.mark.skipif(not kernels.amx(), reason="this CPU has no AMX bf16 tiles")
+needs_dpbf = pytest.mark.skipif(not kernels.dpbf(), reason="this CPU has no AVX-512 BF16")
+PRODUCTS = [pytest.param(kernels.pack_amx, kernels.amx_linear, marks=needs_amx, id="amx"),
+            pytest.param(kernels.pack_dpbf, kernels.dpbf_linear, marks=needs_dpbf, id="dpbf")]
 
 
-@needs_amx
+@pytest.mark.parametrize("pack, product", PRODUCTS)
 @pytest.mark.parametrize("n, k", [(576, 576), (960, 1536), (80, 64), (48, 32), (16, 96)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_amx_linear_matches_torch_at_every_row_count(n, k, with_bias):
-    """Row counts on every path: one A tile (1..16, 17 overlapping), 32-row pairs (32, 45, 128);
-    column counts leaving 1, 3 or 4 blocks in the last group."""
+def test_packed_products_match_torch_at_every_row_count(pack, product, n, k, with_bias):
+    """Row counts on every path: AMX's one A tile (1..16, 17 overlapping) and 32-row pairs (32, 45,
+    128), the dot products' chunks of six (1, 7, 16, 17, 45); column counts leaving 1, 3 or 4 blocks
+    in the last group."""
     gen = torch.Generator().manual_seed(n + k)
     w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
     bias = torch.randn(n, generator=gen).bfloat16() if with_bias else None
-    packed = kernels.pack_amx(w)
+    packed = pack(w)
+    assert packed.shape == (n, k)
     for m in (1, 7, 16, 17, 32, 45, 128):
         x = torch.randn(m, k, generator=gen).bfloat16()
-        got = kernels.amx_linear(x, packed, None if bias is None else bias.float())
+        got = product(x, packed, None if bias is None else bias.float())
         exact = F.linear(x.float(), w.float(), None if bias is None else bias.float())
         torch_bf16 = F.linear(x, w, bias).float()
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
         # fp32 sums rounded once: within bf16's rounding of the exact product, as torch's own
         assert (got.float() - exact).abs().max() <= 1.5 * (torch_bf16 - exact).abs().max() + 1e-3, m
         assert (got.float() - exact).abs().mean() <= 1.5 * (torch_bf16 - exact).abs().mean() + 1e-4, m
+    with pytest.raises(ValueError, match="does not match"):
+        product(torch.zeros(2, k + 2, dtype=torch.bfloat16), packed)
+
+
+@needs_dpbf
+@pytest.mark.skipif(kernels.amx(), reason="an AMX CPU takes amx_linear")
+def test_cpu_linear_runs_the_dot_products_at_every_row_count():
+    from ssjf.cpus import linear
+
+    w, b = (torch.randn(64, 96) * 0.1).bfloat16(), torch.randn(64).bfloat16()
+    run = linear(w, b)
+    for x in (torch.randn(2, 3, 96).bfloat16(), torch.randn(300, 96).bfloat16(),  # leading dimensions kept
+              torch.randn(96, 5).bfloat16().T):  # a strided view
+        assert run(x).shape == (*x.shape[:-1], 64)
+        torch.testing.assert_close(run(x), F.linear(x, w, b), atol=3e-2, rtol=2e-2)
 
 
 @needs_amx
@@ -167,6 +187,10 @@ def test_pack_amx_refuses_shapes_it_cannot_tile():
         kernels.pack_amx(torch.zeros(24, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="K % 32"):
         kernels.pack_amx(torch.zeros(16, 48, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="K even"):
+        kernels.pack_dpbf(torch.zeros(16, 47, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="N % 16"):
+        kernels.pack_dpbf(torch.zeros(24, 64, dtype=torch.bfloat16))
 
 
 def test_the_runner_gives_the_same_tokens_with_and_without_the_kernel(tiny_model, tokenizer):

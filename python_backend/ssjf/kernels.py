@@ -418,6 +418,71 @@ void amx_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint
                 const float *bias, uint16_t *y, int64_t ldy) { abort(); }
 #endif
 """
+# The same products on AVX-512 BF16 without tiles (AMD Zen 4, Intel Cooper Lake): VDPBF16PS over
+# the very layout pack_amx makes, where each pair of K for a block's 16 columns is one 64-byte
+# vector. A group of up to four blocks is computed for up to six rows at a time (24 accumulators,
+# four weight vectors and a broadcast of each row's K pair: 29 of the 32 registers); the group's
+# weights stream from memory once and are re-read from L2 for the next six rows.
+_DPBF = r"""
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#ifndef DPBF_AHEAD
+#define DPBF_AHEAD 128  /* pairs: 8 KiB ahead in a group of four blocks */
+#endif
+int dpbf_ready(void) { return 1; }
+static inline __attribute__((always_inline)) void dpbf_block(const uint16_t *x, int64_t ldx, int64_t K,
+        const uint16_t *wg, const int C, const int R, const float *bias, uint16_t *y, int64_t ldy) {
+    __m512 acc[6][4];
+    for (int r = 0; r < R; r++) for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    #pragma GCC unroll 4
+    for (int64_t q = 0; q < K / 2; q++) {  /* the group's vectors for pair q lie side by side */
+        const uint16_t *t = wg + q * C * 32;
+        __m512bh w[4];
+        for (int c = 0; c < C; c++) {
+            _mm_prefetch((const char *)(t + DPBF_AHEAD * C * 32 + c * 32), _MM_HINT_T0);
+            w[c] = (__m512bh)_mm512_loadu_si512((const void *)(t + c * 32));
+        }
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * ldx + 2 * q, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xb, w[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            __m512 v = acc[r][c];
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + c * 16));
+            const __m256bh h = _mm512_cvtneps_pbh(v);
+            memcpy(y + r * ldy + c * 16, &h, sizeof h);
+        }
+}
+/* y[m, N] = x[m, K] @ W.T (+ bias, fp32), W packed by pack_dpbf; K % 2 == 0, N % 16 == 0 */
+void dpbf_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint16_t *w, int64_t N,
+                 const float *bias, uint16_t *y, int64_t ldy) {
+    const int64_t groups = (N + 63) / 64;
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const int C = N - g * 64 >= 64 ? 4 : (int)((N - g * 64) / 16);
+        const uint16_t *wg = w + g * 64 * K;
+        const float *bg = bias ? bias + g * 64 : 0;
+        for (int64_t r0 = 0; r0 < m; r0 += 6) {
+            const int R = m - r0 < 6 ? (int)(m - r0) : 6;
+            const uint16_t *xr = x + r0 * ldx;
+            uint16_t *yr = y + r0 * ldy + g * 64;
+            switch (C * 8 + R) {
+#define DPBF_CASE(c, r) case c * 8 + r: dpbf_block(xr, ldx, K, wg, c, r, bg, yr, ldy); break;
+#define DPBF_ROWS(c) DPBF_CASE(c, 1) DPBF_CASE(c, 2) DPBF_CASE(c, 3) DPBF_CASE(c, 4) DPBF_CASE(c, 5) DPBF_CASE(c, 6)
+                DPBF_ROWS(1) DPBF_ROWS(2) DPBF_ROWS(3) DPBF_ROWS(4)
+            }
+        }
+    }
+}
+#else
+int dpbf_ready(void) { return 0; }
+void dpbf_linear(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, const uint16_t *w, int64_t N,
+                 const float *bias, uint16_t *y, int64_t ldy) { abort(); }
+#endif
+"""
 DTYPES = {"bf16": "uint16_t", "f32": "float"}
 HEAD_DIMS = ("64", "128", "any")  # "any": a multiple of LANES, known at run time
 KERNELS = [f"attend_{dtype}_{d}" for dtype in DTYPES for d in HEAD_DIMS]
@@ -426,7 +491,7 @@ for _dtype, _t in DTYPES.items():
     for _d in HEAD_DIMS:
         SOURCE += (_BODY.replace("{name}", f"{_dtype}_{_d}").replace("{dtype}", _dtype).replace("{T}", _t)
                    .replace("{D}", "head_dim" if _d == "any" else _d))
-SOURCE += _AMX
+SOURCE += _AMX + _DPBF
 LANES = 8
 
 
@@ -482,10 +547,12 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"silu_mul_{dtype}")
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    lib.amx_ready.restype = ctypes.c_int
-    lib.amx_linear.restype = None
-    lib.amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
-                               + [ctypes.c_void_p] * 2 + [ctypes.c_int64])
+    for name in ("amx", "dpbf"):
+        getattr(lib, f"{name}_ready").restype = ctypes.c_int
+        fn = getattr(lib, f"{name}_linear")
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+                       + [ctypes.c_void_p] * 2 + [ctypes.c_int64])
     return lib
 
 
@@ -586,14 +653,43 @@ def pack_amx(weight):
     return torch.cat(groups).view(n, k)
 
 
+def pack_dpbf(weight):
+    """A bf16 weight [N, K] (N % 16 == 0, K even) in dpbf_linear's layout: groups of up to four
+    16-column blocks, each group K / 2 runs of its blocks' vectors for one pair of K (16 columns x
+    2), side by side, so that a group streams from memory in order. Shaped [N, K] still."""
+    import torch
+
+    n, k = weight.shape
+    if weight.dtype.itemsize != 2 or n % 16 or k % 2:
+        raise ValueError(f"pack_dpbf takes a bf16 [N, K] weight with N % 16 == 0 and K even, got {list(weight.shape)}")
+    pairs = weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3)  # block, pair, col, 2
+    groups = [pairs[b : b + 4].transpose(0, 1).reshape(-1) for b in range(0, n // 16, 4)]
+    return torch.cat(groups).view(n, k)
+
+
+def dpbf() -> bool:
+    """The kernels built with AVX-512 BF16's dot products (dpbf_linear)."""
+    lib = library()
+    return lib is not None and lib.dpbf_ready() == 1
+
+
 def amx_linear(x, packed, bias=None):
     """x [M, K] (rows contiguous, bf16) @ W.T (+ bias, fp32 [N]) for W [N, K] packed by pack_amx: [M, N] bf16."""
+    return _packed_product("amx_linear", x, packed, bias)
+
+
+def dpbf_linear(x, packed, bias=None):
+    """amx_linear's product on AVX-512 BF16 (VDPBF16PS), for W [N, K] packed by pack_dpbf."""
+    return _packed_product("dpbf_linear", x, packed, bias)
+
+
+def _packed_product(name: str, x, packed, bias):
     import torch
 
     (m, k), n = x.shape, packed.shape[0]
     if x.dtype != torch.bfloat16 or x.stride(1) != 1 or packed.shape[1] != k:
-        raise ValueError(f"amx_linear: x {list(x.shape)} ({x.dtype}) does not match a packed {list(packed.shape)} weight")
+        raise ValueError(f"{name}: x {list(x.shape)} ({x.dtype}) does not match a packed {list(packed.shape)} weight")
     y = torch.empty(m, n, dtype=x.dtype)
-    library().amx_linear(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n,
-                         None if bias is None else bias.data_ptr(), y.data_ptr(), n)
+    getattr(library(), name)(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n,
+                             None if bias is None else bias.data_ptr(), y.data_ptr(), n)
     return y
