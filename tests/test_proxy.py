@@ -72,6 +72,21 @@ def test_metrics():
     assert proxy_metrics(np.array([5, 5, 5]), np.array([1, 2, 3]), [2])["kendall_tau"] == 0.0
 
 
+def test_prompt_ceiling_groups_answers_by_prompt():
+    from ssjf_tools.eval_proxy import prompt_ceiling
+
+    assert prompt_ceiling(["a", "b", "c"], np.array([1, 2, 3])) is None  # no prompt recurs
+    # two prompts, two answers each: the prompt's mean orders the 4 cross-prompt pairs and ties the 2
+    # within a prompt (tau-b 0.816); the other answer gets those 2 backwards: (4 - 2) / 6
+    c = prompt_ceiling(["a", "a", "b", "b"], np.array([10, 12, 100, 120]))
+    assert c["prompts"] == 2 and c["rows"] == 4
+    assert c["prompt_mean_kendall_tau"] == pytest.approx(4 / (4 * 6) ** 0.5)
+    assert c["leave_one_out_kendall_tau"] == pytest.approx(1 / 3)
+    # the leave-one-out mean is the other answer's own length, here backwards within each prompt
+    c = prompt_ceiling(["a", "a", "b"], np.array([10, 20, 15]), rows=[0, 1])
+    assert c["rows"] == 2 and c["leave_one_out_kendall_tau"] == pytest.approx(-1.0)
+
+
 @pytest.mark.parametrize("objective", ["regression", "classification", "ranking"])
 def test_train_save_load_predict(synthetic, tmp_path, objective):
     out = tmp_path / f"{objective}.npz"

@@ -4,6 +4,9 @@ True length = the response's token count under the served model's tokenizer (or 
 `length`). Report keys: n, kendall_tau, spearman, mae_tokens, bucket_accuracy (5 buckets at
 the artifact's training-set length quintiles), p50_latency_ms (one prompt at a time), and
 the same metrics for two baselines: a constant (the training mean) and the prompt length.
+Where prompts recur (several models or samples answering one prompt), `prompt_ceiling` says how
+much of the length the prompt can tell at all: the tau of each prompt's mean length (the best any
+prompt-only score roughly does) and of the mean of its other answers (leave-one-out).
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
         "mae_tokens": float(np.mean(np.abs(pred - true))),
         "bucket_accuracy": float(np.mean(np.digitize(pred, edges) == np.digitize(true, edges))),
     }
+
+
+def prompt_ceiling(prompts: list[str], true: np.ndarray, rows=None) -> dict | None:
+    """Over `rows` (default all): Kendall tau of each prompt's mean log length, and of the mean of
+    its other answers, against the true lengths; None when no prompt recurs."""
+    from ssjf.learner import kendall_tau
+
+    y = np.log1p(np.asarray(true, dtype=np.float64))
+    keys = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    group = np.array([keys[p] for p in prompts])
+    count, total = np.bincount(group), np.bincount(group, weights=y)
+    if count.max() < 2:
+        return None
+    mean = total[group] / count[group]
+    others = count[group] > 1
+    loo = np.where(others, (total[group] - y) / np.maximum(count[group] - 1, 1), mean)
+    rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+    keep = rows[others[rows]]
+    return {"prompts": int(len(count)), "rows": int(len(rows)), "prompt_mean_kendall_tau": kendall_tau(mean[rows], y[rows]),
+            "leave_one_out_kendall_tau": kendall_tau(loo[keep], y[keep])}
 
 
 def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_every: int, window: int,
@@ -125,6 +148,8 @@ def main(argv=None) -> dict:
                                args.refresh_every, args.window)
     else:
         report = proxy_metrics(predictor.predict(prompts, models, cached=True), true, edges)
+    half = np.arange(len(true) // 2, len(true)) if args.online else None
+    report["prompt_ceiling"] = prompt_ceiling(prompts, true, half)  # over the rows kendall_tau is over
     report["p50_latency_ms"] = latency_ms(predictor, prompts)
     plen = predictor.encoder.encode_cached(prompts)[1]
     report["baselines"] = {
