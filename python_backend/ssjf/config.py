@@ -102,7 +102,8 @@ class EngineConfig:
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
     proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")
-    proxy_refresh_window: int = setting(2000, "proxy refresh: the recent finished requests it learns from")
+    proxy_refresh_window: int = setting(4000, "proxy refresh: the recent finished requests it learns "
+                                          "from (one row of proxy features each: 6 MiB for MiniLM's, 9 MiB for SmolLM2's)")
     proxy_refresh_interval_s: float = setting(30.0, "proxy refresh: seconds between refits")
     proxy_refresh_min_rows: int = setting(64, "proxy refresh: finished requests needed before the first refit")
     proxy_refresh_path: str = setting("", "where the correction is written (the proxy reads it there); "

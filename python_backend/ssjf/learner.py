@@ -78,7 +78,7 @@ class OnlineHead:
 
     L2 = (1.0, 10.0, 100.0, 1000.0)
 
-    def __init__(self, base, window: int = 2000, min_rows: int = 64, holdout_every: int = 5):
+    def __init__(self, base, window: int = 4000, min_rows: int = 64, holdout_every: int = 5):
         self.base = base
         self.rows: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=window)
         self.min_rows = min_rows
@@ -195,7 +195,7 @@ class Refresher:
     """The llm side: finished requests' features and true lengths in, a refit every interval_s on a
     thread of its own, and the correction written out when one is swapped in."""
 
-    def __init__(self, path: Path, window: int = 2000, interval_s: float = 30.0, min_rows: int = 64,
+    def __init__(self, path: Path, window: int = 4000, interval_s: float = 30.0, min_rows: int = 64,
                  on_refit=None):
         self.head = OnlineHead(LastColumn(), window=window, min_rows=min_rows)
         self.file = CorrectionFile(path)

@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
                          "learn from their true lengths and refit; kendall_tau (and the other metrics) are over the "
                          "second half of the rows, frozen_kendall_tau is the starting artifact alone on the same rows")
     ap.add_argument("--refresh-every", type=int, default=50, help="--online: rows between refits")
-    ap.add_argument("--window", type=int, default=2000, help="--online: recent rows the refit learns from")
+    ap.add_argument("--window", type=int, default=4000, help="--online: recent rows the refit learns from")
     ap.add_argument("--shuffle-seed", type=int, help="--online: replay the rows in a seeded random order instead "
                                                       "of the file's")
     args = ap.parse_args(argv)
