@@ -425,6 +425,23 @@ def test_the_torch_runner_keeps_its_slots_without_holes(tiny_model, tokenizer):
     runner.release(b)  # twice: nothing happens
 
 
+def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_logits(tiny_model, tokenizer):
+    from ssjf.model_runner import prefill_groups
+
+    # longest first; a short prompt is not padded to a long one's width, short ones still batch
+    assert prefill_groups([50, 500, 480, 12, 10], 2048) == [[1, 2], [0, 3], [4]]
+    assert prefill_groups([10, 12, 9], 2048) == [[1, 0, 2]]
+    config = EngineConfig(runner="torch", dtype="float32", max_seq_len=256, max_batch_size=4)
+    runner = ModelRunner(config, model=tiny_model, tokenizer=tokenizer)
+    short, long = [5, 6, 7], list(range(10, 190))
+    together = runner.prefill([0, 1], [short, long])  # two groups
+    assert torch.allclose(together[0], runner.prefill([2], [short])[0], atol=1e-5)
+    assert torch.allclose(together[1], runner.prefill([3], [long])[0], atol=1e-5)
+    # each slot's cache holds its own prompt: slot 0 decodes as slot 2 (the short prompt alone) does
+    assert torch.allclose(runner.decode([8], [len(short)], [0])[0], runner.decode([8], [len(short)], [2])[0], atol=1e-5)
+    assert not torch.allclose(runner.decode([8], [len(long)], [1])[0], runner.decode([8], [len(long)], [2])[0], atol=1e-3)
+
+
 def test_prefill_widths_come_from_a_small_fixed_ladder():
     from ssjf.model_runner import prefill_width
 

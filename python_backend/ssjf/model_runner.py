@@ -59,6 +59,23 @@ def prefill_width(longest: int, limit: int) -> int:
     return min(width, limit) if longest <= limit else longest
 
 
+def prefill_groups(lengths: list[int], limit: int, waste: float = 1.25, slack: int = 64) -> list[list[int]]:
+    """Indices of prompts to prefill together: longest first, a group takes the next prompt while
+    its padded rows (count x width) stay within `waste` x its real tokens + `slack` (short prompts
+    batch: below a few dozen rows a call's fixed cost outweighs the padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            width = prefill_width(lengths[g[0]], limit)
+            if (len(g) + 1) * width <= waste * (sum(lengths[j] for j in g) + lengths[i]) + slack:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # one formula: w * rmsnorm(x)
 
 
@@ -177,7 +194,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts into their cache slots and return the last position's logits [n, vocab]."""
+        """Run prompts into their cache slots and return the last position's logits [n, vocab].
+        Prompts of very different lengths run in separate groups (prefill_groups): one batch would
+        pad a 50-token prompt to a 500-token one's width, and the matrix products cost per row."""
+        groups = prefill_groups([len(p) for p in prompts], self.max_seq_len)
+        if len(groups) == 1:
+            return self._prefill(slots, prompts)
+        logits = [None] * len(prompts)
+        for group in groups:
+            for i, row in zip(group, self._prefill([slots[i] for i in group], [prompts[i] for i in group])):
+                logits[i] = row
+        return torch.stack(logits)
+
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         n = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         width = prefill_width(int(lens.max()), self.max_seq_len)
