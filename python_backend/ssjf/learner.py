@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from .config import EngineConfig
+
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class OnlineHead:
 
     L2 = (1.0, 10.0, 100.0, 1000.0)
 
-    def __init__(self, base, window: int = 4000, min_rows: int = 64, holdout_every: int = 5):
+    def __init__(self, base, window: int = EngineConfig.proxy_refresh_window,
+                 min_rows: int = EngineConfig.proxy_refresh_min_rows, holdout_every: int = 5):
         self.base = base
         self.rows: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=window)
         self.min_rows = min_rows
@@ -195,8 +198,9 @@ class Refresher:
     """The llm side: finished requests' features and true lengths in, a refit every interval_s on a
     thread of its own, and the correction written out when one is swapped in."""
 
-    def __init__(self, path: Path, window: int = 4000, interval_s: float = 30.0, min_rows: int = 64,
-                 on_refit=None):
+    def __init__(self, path: Path, window: int = EngineConfig.proxy_refresh_window,
+                 interval_s: float = EngineConfig.proxy_refresh_interval_s,
+                 min_rows: int = EngineConfig.proxy_refresh_min_rows, on_refit=None):
         self.head = OnlineHead(LastColumn(), window=window, min_rows=min_rows)
         self.file = CorrectionFile(path)
         self.interval_s = interval_s

@@ -63,16 +63,15 @@ def prefill_groups(lengths: list[int], limit: int, waste: float = 1.25, slack: i
     """Indices of prompts to prefill together: longest first, a group takes the next prompt while
     its padded rows (count x width) stay within `waste` x its real tokens + `slack` (short prompts
     batch: below a few dozen rows a call's fixed cost outweighs the padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            g = groups[-1]
-            width = prefill_width(lengths[g[0]], limit)
-            if (len(g) + 1) * width <= waste * (sum(lengths[j] for j in g) + lengths[i]) + slack:
-                g.append(i)
-                continue
-        groups.append([i])
+    width = real = 0  # the open group's padded width and real tokens
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * width <= waste * (real + lengths[i]) + slack:
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            width, real = prefill_width(lengths[i], limit), lengths[i]
     return groups
 
 

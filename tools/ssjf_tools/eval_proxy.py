@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
+from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 
 from .report import emit
@@ -40,22 +41,19 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
 
 def prompt_ceiling(prompts: list[str], true: np.ndarray, rows=None) -> dict | None:
     """Over `rows` (default all): Kendall tau of each prompt's mean log length, and of the mean of
-    its other answers, against the true lengths; None when no prompt recurs."""
+    its other answers (rows whose prompt recurs), against the true lengths; None when no prompt recurs."""
     from ssjf.learner import kendall_tau
 
     y = np.log1p(np.asarray(true, dtype=np.float64))
-    keys = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-    group = np.array([keys[p] for p in prompts])
-    count, total = np.bincount(group), np.bincount(group, weights=y)
+    _, group = np.unique(prompts, return_inverse=True)
+    count, total = np.bincount(group)[group], np.bincount(group, weights=y)[group]
     if count.max() < 2:
         return None
-    mean = total[group] / count[group]
-    others = count[group] > 1
-    loo = np.where(others, (total[group] - y) / np.maximum(count[group] - 1, 1), mean)
     rows = np.arange(len(y)) if rows is None else np.asarray(rows)
-    keep = rows[others[rows]]
-    return {"prompts": int(len(count)), "rows": int(len(rows)), "prompt_mean_kendall_tau": kendall_tau(mean[rows], y[rows]),
-            "leave_one_out_kendall_tau": kendall_tau(loo[keep], y[keep])}
+    keep = rows[count[rows] > 1]
+    return {"prompts": int(group.max() + 1), "rows": int(len(rows)),
+            "prompt_mean_kendall_tau": kendall_tau((total / count)[rows], y[rows]),
+            "leave_one_out_kendall_tau": kendall_tau(((total[keep] - y[keep]) / (count[keep] - 1)), y[keep])}
 
 
 def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_every: int, window: int,
@@ -118,7 +116,8 @@ def main(argv=None) -> dict:
                          "learn from their true lengths and refit; kendall_tau (and the other metrics) are over the "
                          "second half of the rows, frozen_kendall_tau is the starting artifact alone on the same rows")
     ap.add_argument("--refresh-every", type=int, default=50, help="--online: rows between refits")
-    ap.add_argument("--window", type=int, default=4000, help="--online: recent rows the refit learns from")
+    ap.add_argument("--window", type=int, default=EngineConfig.proxy_refresh_window,
+                    help="--online: recent rows the refit learns from (default: the server's)")
     ap.add_argument("--shuffle-seed", type=int, help="--online: replay the rows in a seeded random order instead "
                                                       "of the file's")
     args = ap.parse_args(argv)
