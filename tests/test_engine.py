@@ -11,7 +11,7 @@ from conftest import ListSink
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.model_runner import ModelRunner
-from ssjf.request import Request, RequestStatus
+from ssjf.request import LLMInputs, Request, RequestStatus
 
 PROMPTS = ["hello there", "a much longer prompt about the sea, the sky, the wind and more", "x",
            "What is 2+2?", "tell me a story about a dragon", "ok"]
@@ -519,3 +519,31 @@ def test_the_fixed_shape_decode_cuda_graphs_capture_gives_the_same_tokens(tiny_m
     for r in reqs:
         assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens), r.request_id
     assert engine.runner.buckets() == [1, 2, 4]
+
+
+def test_drain_finishes_what_fits_refuses_new_ones_and_ends_the_rest_with_an_error(tiny_model, tokenizer):
+    """Graceful shutdown: after drain(s), no new request is admitted; a short request finishes; a long
+    one still running at the drain deadline ends with one clear error; the loop stays alive."""
+    now = [0.0]
+    engine = Backend("torch", tiny_model, tokenizer).engine(clock=lambda: now[0])
+    short = Request("short", engine.encode_prompt("hi"), max_tokens=3, sink=ListSink(), ignore_eos=True)
+    long = Request("long", engine.encode_prompt("a story"), max_tokens=200, sink=ListSink(), ignore_eos=True)
+    engine.add_request(short)
+    engine.add_request(long)
+    engine.start()
+    try:
+        engine.drain(5.0)
+        with pytest.raises(RequestError, match="^server shutting down"):
+            engine.submit(LLMInputs(text="late"), ListSink())
+        deadline = time.monotonic() + 30
+        while short.sink.finals == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert short.status is RequestStatus.FINISHED and short.sink.errors == []
+        now[0] = 6.0  # the drain time runs out with the long one still generating
+        while long.sink.finals == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert long.status is RequestStatus.FAILED and long.sink.finals == 1
+        assert "did not finish within the drain time" in long.sink.errors[0]
+        assert engine.alive and engine.idle
+    finally:
+        engine.stop()

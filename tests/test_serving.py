@@ -129,11 +129,24 @@ def test_a_conversation_is_templated_whole_and_the_proxy_reads_its_last_user_tur
     (b'[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]', "messages"),
     (b'[{"role": "user", "content": "   "}]', "messages"),
     (b"\xff\xfe", "messages"),
+    (b"[" * 100_000 + b"]" * 100_000, "messages"),  # the recursive JSON parser never sees it
+    (b'[{"role": "user", "content": "' + b"[" * 50 + b'"}, ' + b"[" * 9 + b"]" * 9 + b"]", "messages"),
+    (b'[{"role": "user", "content": "x\\ud800y"}]', "messages\\[0\\].content"),  # a lone surrogate
+    (b'[{"role": "user", "content": "' + b"a" * (2 << 20) + b'"}]', "messages"),
 ])
 def test_bad_messages_name_the_field(engine, raw, field):
     with pytest.raises(RequestError, match=f"^{field}:"):
         admit(engine, {"messages": np.array([[raw]], dtype=np.object_)})
     assert not engine._inbox
+
+
+def test_json_depth_skips_brackets_inside_strings():
+    from ssjf.serving import json_depth
+
+    assert json_depth('[{"role": "user", "content": "[[[[{{{{"}]') == 2
+    assert json_depth('{"a": "\\"[[[", "b": [[1]]}') == 3
+    assert json_depth("[" * 1000 + "]" * 1000) == 1000
+    assert json_depth("") == 0
 
 
 def test_text_input_or_messages_not_both(engine):

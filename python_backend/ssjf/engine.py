@@ -55,6 +55,7 @@ class Engine:
         self._inbox: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._drain_until: float | None = None  # set by drain(): admit nothing, end what is left at this time
         self._queued = 0  # waiting in the scheduler, published by the engine thread after each step
         self._next_waiting_scan = 0.0
         self._next_cancel_scan = 0.0
@@ -83,7 +84,7 @@ class Engine:
         tokenization never delays a decode step. Raises RequestError; nothing is queued then."""
         if self.failure is not None:
             raise RequestError(f"engine is not running: {self.failure}")
-        if self._stopping:
+        if self._stopping or self._drain_until is not None:
             raise RequestError("server shutting down")
         limit = self.config.max_prompt_bytes
         if limit and inputs.text_bytes > limit:
@@ -148,6 +149,13 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, seconds: float) -> None:
+        """Graceful shutdown: admit nothing more; what is queued or running may finish within
+        `seconds`, and whatever is left then ends with an error."""
+        with self._wake:
+            self._drain_until = self.clock() + max(0.0, seconds)
+            self._wake.notify()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -176,6 +184,9 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
+            if self._drain_until is not None and self.clock() >= self._drain_until:
+                self._fail_all("server shutting down: the request did not finish within the drain time")
+                continue
             self.step()
 
     def _drain_inbox(self) -> None:

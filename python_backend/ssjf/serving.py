@@ -9,6 +9,7 @@ to decide, once. Every problem is a RequestError whose message starts with the o
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -57,12 +58,30 @@ def check_parameters(parameters: str | dict | None) -> None:
         )
 
 
+MAX_MESSAGES_BYTES = 1 << 20  # a conversation's JSON; its prompt is bounded again by max_prompt_bytes
+MAX_JSON_DEPTH = 8  # a list of objects of strings needs 2
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_depth(text: str) -> int:
+    """How deep JSON text nests its lists and objects, found without recursion (strings skipped)."""
+    brackets = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), np.uint8)
+    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int32) - np.isin(brackets, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def parse_messages(raw) -> list[dict[str, str]]:
-    """The `messages` input: a JSON list of {"role", "content"} turns, the last one the user's."""
+    """The `messages` input: a JSON list of {"role", "content"} turns, the last one the user's.
+    Size and nesting are bounded before the JSON parser (which recurses) sees it."""
+    text = decode_text(raw, "messages")
+    if len(text) > MAX_MESSAGES_BYTES:
+        raise RequestError(f"messages: {len(text)} characters is over the limit of {MAX_MESSAGES_BYTES}")
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise RequestError(f"messages: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        turns = json.loads(decode_text(raw, "messages"))
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"messages: not valid JSON ({exc})") from None
+        turns = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise RequestError(f"messages: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(turns, list) or not turns:
         raise RequestError("messages: expected a non-empty JSON list of {\"role\", \"content\"} objects")
     for i, turn in enumerate(turns):
@@ -72,6 +91,10 @@ def parse_messages(raw) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].role: {turn['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(turn["content"], str):
             raise RequestError(f"messages[{i}].content: expected a string")
+        try:
+            turn["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a JSON escape such as \ud800 decodes to a lone surrogate
+            raise RequestError(f"messages[{i}].content: not valid Unicode ({exc.reason} at {exc.start})") from None
     if turns[-1]["role"] != "user":
         raise RequestError("messages: the last turn must be the user's (the model answers it)")
     return turns

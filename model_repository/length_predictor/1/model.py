@@ -4,28 +4,33 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ssjf.config import ProxyConfig, refresh_path
+from ssjf.config import EngineConfig, ProxyConfig, default_of, refresh_path
 from ssjf.cpus import bind_process, service_cpus
 from ssjf.learner import CorrectionFile
 from ssjf.proxy import LengthPredictor
-from ssjf.engine import RequestError
 from ssjf.serving import model_parameters, parse_messages, prompt_of
+
+MAX_PROMPT_CHARS = default_of(EngineConfig, "max_prompt_bytes")  # the encoder reads 128 tokens of it anyway
 
 
 def prompts(request) -> list[str]:
-    """The text the proxy reads: text_input, or a conversation's last user turn. A malformed input
-    still gets a prediction; the llm answers it with the error."""
-    tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
-    if tensor is not None:
-        return [r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r)
-                for r in tensor.as_numpy().reshape(-1)]
-    tensor = pb_utils.get_input_tensor_by_name(request, "messages")
-    rows = [] if tensor is None else tensor.as_numpy().reshape(-1)
+    """The text the proxy reads: text_input, or a conversation's last user turn, each cut to what the
+    llm would accept (max_prompt_bytes). A malformed input still gets a prediction (of ""), and the
+    llm answers it with the error; nothing one request sends can fail the batch it was grouped in."""
+    try:
+        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+        if tensor is not None:
+            return [(r.decode("utf-8", errors="replace") if isinstance(r, bytes) else str(r))[:MAX_PROMPT_CHARS]
+                    for r in tensor.as_numpy().reshape(-1)] or [""]
+        tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+        rows = [] if tensor is None else tensor.as_numpy().reshape(-1)
+    except Exception:
+        return [""]
     out = []
     for raw in rows:
         try:
-            out.append(prompt_of(parse_messages(raw)))
-        except RequestError:
+            out.append(prompt_of(parse_messages(raw))[:MAX_PROMPT_CHARS])
+        except Exception:  # RequestError, and anything a hostile input finds that it does not name
             out.append("")
     return out or [""]
 

@@ -75,8 +75,19 @@ class TritonPythonModel:
                                    arrival_time=arrived, timeout_s=request.timeout() / 1e6)  # µs; 0: none
             except RequestError as exc:
                 self.metrics.rejected(str(exc).split(":", 1)[0])
-                (sink or TritonSink(request, 0)).error(str(exc))
+                self._refuse(request, sink, str(exc))
+            except Exception as exc:  # a request that breaks something unforeseen fails alone, with its reason
+                logging.getLogger("ssjf").exception("request %s: refused", request.request_id())
+                self.metrics.rejected("internal")
+                self._refuse(request, sink, f"internal error: {type(exc).__name__}: {exc}")
         return None
+
+    @staticmethod
+    def _refuse(request, sink, message: str) -> None:
+        try:
+            (sink or TritonSink(request, 0)).error(message)
+        except Exception:  # its sender is already used (an error after the first send): nothing left to tell
+            logging.getLogger("ssjf").warning("request %s: the error could not be sent", request.request_id())
 
     def _learn(self, req) -> None:
         if req.features is not None and req.finish_reason in ("stop", "length"):
