@@ -76,18 +76,20 @@ def settings(argv) -> int:
             print(f"{prefix + f.name.upper():30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
         print()
     print("# server: HTTP_PORT 8000, GRPC_PORT 8001, METRICS_PORT 8002, SSJF_HOST 127.0.0.1,\n"
-          "# SSJF_MODEL_REPOSITORY ./model_repository, SSJF_ADMIN_KEY (random), SSJF_CACHE_DIR ~/.cache/ssjf")
+          "# SSJF_MODEL_REPOSITORY ./model_repository, SSJF_ADMIN_KEY or SSJF_ADMIN_KEY_FILE (random),\n"
+          "# SSJF_CACHE_DIR ~/.cache/ssjf; ssjf serve: SSJF_DRAIN_S 30, SSJF_HTTP_GATE 1, SSJF_MAX_BODY_BYTES 1048576,\n"
+          "# SSJF_MAX_JSON_DEPTH 32, SSJF_MAX_RESTARTS 10")
     return 0
 
 
-def serve(argv) -> None:
+def serve(argv) -> int:
     from .server import ServerConfig
     from .server import serve as run
 
     if argv:
         raise SystemExit("ssjf serve takes no arguments; configure it with environment variables (see README)")
     prepare()
-    run(ServerConfig.from_env())
+    return run(ServerConfig.from_env())
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class EngineConfig:
     proxy_refresh_min_rows: int = setting(64, "proxy refresh: finished requests needed before the first refit")
     proxy_refresh_path: str = setting("", "where the correction is written (the proxy reads it there); "
                                           "empty: $SSJF_CACHE_DIR/refresh/proxy.npz")
+    drain_file: str = setting("", "graceful shutdown: when this file appears (ssjf serve writes it on SIGTERM, with "
+                                  "the drain deadline in it) admit nothing more and end what is left by the deadline")
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -164,6 +166,14 @@ class ProxyConfig:
         return from_strings(cls, params, environ, "SSJF_PROXY_")
 
 
+def admin_key(environ: dict[str, str] | None = None) -> str:
+    """SSJF_ADMIN_KEY_FILE's content, else SSJF_ADMIN_KEY, else a random key that locks the admin APIs."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SSJF_ADMIN_KEY_FILE"):
+        return Path(environ["SSJF_ADMIN_KEY_FILE"]).read_text().strip()
+    return environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16)
+
+
 @dataclass
 class ServerConfig:
     http_port: int = 8000
@@ -174,8 +184,14 @@ class ServerConfig:
     log_verbose: int = 0
     # Admin APIs answer only requests carrying the header `ssjf-admin-key: <key>`; with no key
     # configured a random one is drawn, which locks them for everyone.
-    admin_key: str = field(default_factory=lambda: os.environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16))
+    admin_key: str = field(default_factory=admin_key)
     extra_args: list[str] = field(default_factory=list)
+    # ssjf serve's supervision (the tests' TritonServer runs tritonserver bare)
+    drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish (SSJF_DRAIN_S)
+    http_gate: bool = True  # the public HTTP port is ssjf.gate in front of Triton's (SSJF_HTTP_GATE)
+    max_body_bytes: int = 1 << 20  # the gate's body limit (SSJF_MAX_BODY_BYTES)
+    max_json_depth: int = 32  # the gate's JSON nesting limit (SSJF_MAX_JSON_DEPTH)
+    max_restarts: int = 10  # tritonserver restarts after a dead stub or an unexpected exit (SSJF_MAX_RESTARTS)
 
     @classmethod
     def on_free_ports(cls, **kw) -> "ServerConfig":
@@ -193,6 +209,12 @@ class ServerConfig:
             grpc_port=int(environ.get("GRPC_PORT", 8001)),
             metrics_port=int(environ.get("METRICS_PORT", 8002)),
             host=environ.get("SSJF_HOST", "127.0.0.1"),
+            admin_key=admin_key(environ),
+            drain_s=float(environ.get("SSJF_DRAIN_S", 30.0)),
+            http_gate=_convert("bool", environ.get("SSJF_HTTP_GATE", "1")),
+            max_body_bytes=int(environ.get("SSJF_MAX_BODY_BYTES", 1 << 20)),
+            max_json_depth=int(environ.get("SSJF_MAX_JSON_DEPTH", 32)),
+            max_restarts=int(environ.get("SSJF_MAX_RESTARTS", 10)),
             **({"model_repository": Path(repo)} if repo else {}),
         )
 

@@ -119,3 +119,15 @@ class TritonMetrics(Metrics):
 
     def proxy_fallback(self) -> None:
         self._run(self.fallbacks.increment, 1)
+
+    def close(self) -> None:
+        """Free Triton's metric objects now, from finalize(): left to the interpreter's exit they
+        are freed after the stub's shared memory is gone, and the stub crashes."""
+        import gc
+
+        self._by_label.clear()
+        for name in ("queue", "running", "tokens", "fallbacks", "ttft", "jct", "error", "tau", "mae", "ranked",
+                     "version"):
+            setattr(self, name, None)
+        self.families.clear()
+        gc.collect()

@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -13,11 +14,14 @@ from ssjf.engine import Engine, RequestError
 from ssjf.learner import Refresher
 from ssjf.metrics import TritonMetrics
 from ssjf.responder import Responder
+from ssjf.server import DrainSignal
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
 
 
 class TritonSink:
-    """Sends a request's outputs through its decoupled response sender."""
+    """Sends a request's outputs through its decoupled response sender. After the final response it
+    lets go of Triton's objects: a finished Request that lingers (the rank window, a cycle) must not
+    free a Triton request after the stub has torn down its shared memory (a crash at unload)."""
 
     def __init__(self, request, predicted_length: int):
         self.request = request
@@ -30,16 +34,21 @@ class TritonSink:
             pb_utils.Tensor("predicted_length", self.predicted),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
+        try:
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
+        finally:
+            if final:
+                self.request = self.sender = None
 
     def error(self, message: str) -> None:
-        self.sender.send(
-            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+        try:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.request = self.sender = None
 
     def is_cancelled(self) -> bool:
-        return self.request.is_cancelled()
+        return self.request is not None and self.request.is_cancelled()
 
 
 class TritonPythonModel:
@@ -57,6 +66,9 @@ class TritonPythonModel:
                                        on_refit=self.metrics.refit).start()
             self.engine.finished_hooks.append(self._learn)
         self.engine.start()
+        self.unloading = threading.Event()
+        if self.config.drain_file:  # ssjf serve's graceful shutdown (ssjf.server.Supervisor)
+            DrainSignal(self.config.drain_file).watch(self._drain, self.unloading)
         logging.getLogger("ssjf").info("llm ready: policy=%s batching=%s", self.config.policy, self.config.batching)
 
     def execute(self, requests):
@@ -108,8 +120,14 @@ class TritonPythonModel:
         if self.config.exit_on_engine_death and is_triton:
             os.kill(parent, signal.SIGTERM)
 
+    def _drain(self, seconds_left: float) -> None:
+        logging.getLogger("ssjf").info("shutting down: requests in flight have %.0f s to finish", seconds_left)
+        self.engine.drain(seconds_left)
+
     def finalize(self):
+        self.unloading.set()
         self.engine.stop()
         if self.refresher is not None:
             self.refresher.stop()
         self.responder.stop()  # the final responses the engine queued while stopping
+        self.metrics.close()
