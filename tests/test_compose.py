@@ -14,7 +14,8 @@ def test_triton_service_runs_the_official_2_51_image_on_a_gpu():
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert triton["environment"]["SSJF_DEVICE"] == "cuda"
     command = " ".join(triton["command"])
-    assert "--model-repository=/workspace/model_repository" in command and "--model-control-mode=none" in command
+    assert "exec python3 -m ssjf.cli serve" in command  # the supervisor, as make serve runs it
+    assert triton["environment"]["SSJF_MODEL_REPOSITORY"] == "/workspace/model_repository"
 
 
 def test_ports_are_published_on_loopback_only():
@@ -31,11 +32,27 @@ def test_healthcheck_is_readiness_and_locust_waits_for_it():
 
 
 def test_admin_apis_are_restricted_with_a_key_from_the_environment():
+    from ssjf.config import ServerConfig
+    from ssjf.server import command
+
     triton = COMPOSE["services"]["triton"]
-    command = " ".join(triton["command"])
-    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
-    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:ssjf-admin-key=" in command
     assert triton["environment"]["SSJF_ADMIN_KEY"].startswith("${SSJF_ADMIN_KEY:?")
+    config = ServerConfig.from_env({"SSJF_ADMIN_KEY": "k3y", "SSJF_MODEL_REPOSITORY": str(ServerConfig().model_repository)})
+    args = " ".join(command(config))
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:ssjf-admin-key=k3y" in args
+    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:ssjf-admin-key=k3y" in args
+
+
+def test_the_drain_fits_in_the_grace_period_and_tritons_exit_timeout():
+    from ssjf.config import ServerConfig
+    from ssjf.server import command
+
+    triton = COMPOSE["services"]["triton"]
+    grace = int(triton["stop_grace_period"].rstrip("s"))
+    drain = 30  # SSJF_DRAIN_S's default in compose
+    assert triton["environment"]["SSJF_DRAIN_S"] == "${SSJF_DRAIN_S:-30}"
+    timeout = next(int(a.split("=")[1]) for a in command(ServerConfig(drain_s=drain)) if a.startswith("--exit-timeout"))
+    assert drain < timeout < grace
 
 
 def test_replicas_profile_puts_two_gpu_replicas_behind_nginx():

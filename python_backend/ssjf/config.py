@@ -186,6 +186,7 @@ class ServerConfig:
     # configured a random one is drawn, which locks them for everyone.
     admin_key: str = field(default_factory=admin_key)
     extra_args: list[str] = field(default_factory=list)
+    http_host: str = ""  # where Triton's HTTP binds, if not `host` (behind the gate: loopback)
     # ssjf serve's supervision (the tests' TritonServer runs tritonserver bare)
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish (SSJF_DRAIN_S)
     http_gate: bool = True  # the public HTTP port is ssjf.gate in front of Triton's (SSJF_HTTP_GATE)

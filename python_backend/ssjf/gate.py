@@ -28,12 +28,20 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 _MODEL_CALL = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/(infer|generate|generate_stream)$")
 
 
-def refusal(method: str, path: str, headers, body: bytes, *, max_body_bytes: int, max_json_depth: int,
-            admin_key: str) -> tuple[int, str] | None:
-    """Why a request must not reach Triton, as (HTTP status, message), or None to let it through."""
+def refusal_by_headers(headers) -> tuple[int, str] | None:
+    """Checked before the body is read (aiohttp would inflate it)."""
     encoding = headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return 415, f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+    return None
+
+
+def refusal(method: str, path: str, headers, body: bytes, *, max_body_bytes: int, max_json_depth: int,
+            admin_key: str) -> tuple[int, str] | None:
+    """Why a request must not reach Triton, as (HTTP status, message), or None to let it through."""
+    refused = refusal_by_headers(headers)
+    if refused is not None:
+        return refused
     if len(body) > max_body_bytes:
         return 413, f"request body of {len(body)} bytes is over the limit of {max_body_bytes}"
     call = _MODEL_CALL.match(path)
@@ -106,6 +114,9 @@ class Gate:
         import aiohttp
         from aiohttp import web
 
+        refused = refusal_by_headers(request.headers)
+        if refused is not None:
+            return _error(*refused)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:

@@ -83,7 +83,7 @@ def command(config: ServerConfig) -> list[str]:
         tritonserver_binary(),
         f"--model-repository={config.model_repository}",
         *([f"--backend-directory={backend_dir()}"] if wheel else []),
-        f"--http-address={config.host}", f"--http-port={config.http_port}",
+        f"--http-address={config.http_host or config.host}", f"--http-port={config.http_port}",
         f"--grpc-address={config.host}", f"--grpc-port={config.grpc_port}",
         f"--metrics-address={config.host}", f"--metrics-port={config.metrics_port}",
         "--model-control-mode=none",
@@ -130,7 +130,8 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.http_port}"
+        host = self.config.http_host or self.config.host
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.config.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -239,10 +240,7 @@ class Supervisor:
         if config.http_gate:  # Triton's HTTP on a private loopback port; the public one is the gate's
             from dataclasses import replace
 
-            self.inner = replace(config, host="127.0.0.1", http_port=free_ports(1)[0])
-            if config.host != "127.0.0.1":  # gRPC and metrics stay where they were asked for
-                self.inner.extra_args = [*config.extra_args, f"--grpc-address={config.host}",
-                                         f"--metrics-address={config.host}"]
+            self.inner = replace(config, http_host="127.0.0.1", http_port=free_ports(1)[0])
         self.signals = 0
         self.restarts = 0
         self.server: TritonServer | None = None

@@ -364,3 +364,38 @@ def test_admin_apis_need_the_key_and_inference_does_not(server):
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert {m["name"] for m in json.loads(resp.read())} >= {"ssjf", "llm", "length_predictor"}
     assert is_ready(server.http_url)
+
+
+def test_a_poisoned_request_batched_with_normal_ones_fails_alone(server):
+    """A `messages` nested 100,000 levels deep, a lone surrogate and a non-JSON body, sent at once with
+    23 normal requests (the proxy's dynamic batcher groups them): each bad one gets an error naming
+    its field, and none of the 23 fails."""
+    deep = "[" * 100_000 + "]" * 100_000
+    bad = {"deep": deep, "surrogate": '[{"role": "user", "content": "x\\ud800"}]', "junk": "{not json"}
+    results = {}
+
+    def run(name, prompt=None, messages_json=None):
+        with SSJFClient(server.grpc_url) as client:
+            if messages_json is None:
+                results[name] = client.generate(prompt, max_tokens=4, ignore_eos=True, timeout=120)
+            else:  # raw JSON, as a hostile client sends it (generate() would serialise a list)
+                inputs = build_inputs(None, 4, True, True, None, messages=[{"role": "user", "content": "x"}])
+                for t in inputs:
+                    if t.name() == "messages":
+                        t.set_data_from_numpy(np.array([[messages_json.encode("utf-8", "surrogatepass")]], dtype=np.object_))
+                client.client.async_stream_infer("ssjf", inputs, enable_empty_final_response=True)
+                response, error, _ = client._responses.get(timeout=120)
+                results[name] = error.message() if error is not None else "no error"
+
+    threads = [threading.Thread(target=run, args=(f"ok{i}", f"Say a word, number {i}.")) for i in range(23)]
+    threads += [threading.Thread(target=run, args=(name, None, raw)) for name, raw in bad.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    failed = [n for n in results if n.startswith("ok") and not results[n].ok]
+    assert not failed, {n: results[n].error for n in failed}
+    assert "messages: JSON nested deeper than" in results["deep"]
+    assert "messages[0].content: not valid Unicode" in results["surrogate"] or "messages: not valid UTF-8" in results["surrogate"]
+    assert "messages: not valid JSON" in results["junk"]
+    assert is_ready(server.http_url)
