@@ -39,9 +39,12 @@ class LoadSettings:
     time_scale: float = 60.0  # how much the trace's time is compressed
     peak_users: int = 32  # users at the trace's busiest minute
     system: str = ""  # set: every request is a conversation (`messages`) with this system prompt
+    # priority classes: "0:0.2,1:0.8" sends 20% of requests in class 0 (served first), 80% in class 1
+    priorities: str = ""
 
 
 SETTINGS = load_settings(LoadSettings)
+PRIORITIES = [(int(c), float(w)) for c, w in (p.split(":") for p in SETTINGS.priorities.split(",") if p)]
 
 BUILTIN = ["What is the capital of France?", "Write a short poem about the sea.", "Explain TCP in one paragraph.",
            "Give three tips for better sleep.", "Translate 'good morning' into Spanish.", "What is 17 * 23?"]
@@ -89,6 +92,8 @@ class SSJFUser(User):
         start = time.time()
         LEDGER["sent"] += 1
         chat = {}
+        if PRIORITIES:
+            chat["priority"] = random.choices(*zip(*PRIORITIES))[0]
         if SETTINGS.system:
             chat = {"messages": [{"role": "system", "content": SETTINGS.system}, {"role": "user", "content": prompt}]}
             prompt = None

@@ -547,3 +547,45 @@ def test_drain_finishes_what_fits_refuses_new_ones_and_ends_the_rest_with_an_err
         assert engine.alive and engine.idle
     finally:
         engine.stop()
+
+
+def test_ssrpt_preempts_a_long_job_for_a_short_one_and_the_tokens_are_unchanged(backend):
+    """Batch of 2, both places held by long jobs; a short job arrives: one long job gives its place
+    back (its stream stays open), the short one finishes first, and the preempted job, prefilled again
+    with its prompt plus what it had generated, ends with exactly the tokens of an uninterrupted run."""
+    engine = backend.engine(policy="ssrpt", max_batch_size=2)
+    longs = [Request(f"long{i}", engine.encode_prompt(p), max_tokens=40, sink=ListSink(), ignore_eos=True,
+                     predicted_length=200) for i, p in enumerate(PROMPTS[:2])]
+    for r in longs:
+        engine.add_request(r)
+    for _ in range(6):
+        engine.step()
+    short = Request("short", engine.encode_prompt(PROMPTS[3]), max_tokens=4, sink=ListSink(), ignore_eos=True,
+                    predicted_length=2)
+    engine.add_request(short)
+    finished = []
+    while not engine.idle:
+        engine.step()
+        finished += [r.request_id for r in [*longs, short] if r.is_done and r.request_id not in finished]
+    assert sum(r.preemptions for r in longs) == 1
+    assert finished[0] == "short"
+    for r in [*longs, short]:
+        want = backend.reference(r.prompt_ids, r.max_tokens)
+        assert r.output_ids == want, (r.request_id, r.preemptions, str(r.output_ids), str(want))
+        assert r.status is RequestStatus.FINISHED and r.sink.finals == 1 and not r.sink.errors
+        assert r.sink.text == backend.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+
+
+def test_ssrpt_does_not_preempt_past_the_bounds(tiny_model, tokenizer):
+    engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, max_preemptions=1)
+    long = Request("long", engine.encode_prompt("a story"), max_tokens=30, sink=ListSink(), ignore_eos=True,
+                   predicted_length=100)
+    engine.add_request(long)
+    engine.step()
+    for i in range(3):  # three short arrivals, one after another: only the first may take its place
+        engine.add_request(Request(f"s{i}", engine.encode_prompt("hi"), max_tokens=2, sink=ListSink(),
+                                   ignore_eos=True, predicted_length=1))
+        engine.step()
+        engine.step()
+    engine.run_until_idle()
+    assert long.preemptions == 1 and long.status is RequestStatus.FINISHED

@@ -1,7 +1,9 @@
 """Policy ordering with fake requests: FCFS, SSJF, oracle SJF, ties by arrival, aging."""
 
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ssjf.config import EngineConfig
@@ -265,3 +267,49 @@ def test_with_no_predictions_at_all_ssjf_is_fcfs():
     for name in ["a", "b", "c", "d"]:
         q.add(req(name, None))
     assert drain(q) == ["a", "b", "c", "d"]
+
+
+def test_expected_remaining_grows_for_a_job_that_outlives_its_guess_and_respects_its_limit():
+    from ssjf.policy import LengthSpread
+
+    spread = LengthSpread(sigma=0.8)
+    fresh = spread.expected_remaining(100, 0)
+    assert fresh == pytest.approx(100 * math.exp(0.32))  # the log-normal's mean
+    early, late, far = (spread.expected_remaining(100, a) for a in (10, 300, 5000))
+    assert early < fresh + 1 and late > early and far > late  # outliving the guess raises what is left
+    assert spread.expected_remaining(100, 300, limit=20) == 20
+    assert spread.expected_remaining(100, 10**6) >= 1
+
+
+def test_the_spread_learns_bias_and_width_from_the_errors():
+    from ssjf.policy import LengthSpread
+
+    spread = LengthSpread(sigma=0.8)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        spread.observe(100, int(round(100 * math.exp(0.5 + 0.3 * rng.standard_normal()))))
+    assert spread.bias == pytest.approx(0.5, abs=0.1) and spread.sigma == pytest.approx(0.3, abs=0.1)
+
+
+def test_ssrpt_keys_a_running_job_by_what_it_still_needs():
+    from ssjf.policy import SSRPTQueue
+
+    q = SSRPTQueue()
+    a = Request("a", [1], max_tokens=1000, predicted_length=50)
+    b = Request("b", [1], max_tokens=1000, predicted_length=80)
+    assert q.sort_key(a) < q.sort_key(b)
+    a.output_ids = [0] * 400  # a ran 8x past its guess: it now expects to need more than b
+    assert q.sort_key(a) > q.sort_key(b)
+
+
+def test_priority_classes_come_first_and_the_guard_works_within_a_class():
+    clock = Clock()
+    for q in (FCFSQueue(), SSJFQueue(max_passes=1, clock=clock)):
+        low = Request("low", [1], max_tokens=5, predicted_length=1, priority=1)
+        high_long = Request("high_long", [1], max_tokens=5, predicted_length=500, priority=0)
+        high_short = Request("high_short", [1], max_tokens=5, predicted_length=5, priority=0)
+        for r in (low, high_long, high_short):
+            q.add(r)
+        order = [q.pop().request_id for _ in range(3)]
+        assert order[-1] == "low", order  # however short it is, class 1 waits for class 0
+        assert set(order[:2]) == {"high_long", "high_short"}

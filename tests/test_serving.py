@@ -152,3 +152,11 @@ def test_json_depth_skips_brackets_inside_strings():
 def test_text_input_or_messages_not_both(engine):
     with pytest.raises(RequestError, match="^messages: send text_input or messages, not both"):
         admit(engine, {"text_input": text("hi"), "messages": msgs([{"role": "user", "content": "hi"}])})
+
+
+def test_priority_is_parsed_and_carried_to_the_request(engine):
+    req = admit(engine, {"text_input": text("hi"), "priority": np.array([[2]], dtype=np.int32)})
+    assert req.priority == 2
+    assert admit(engine, {"text_input": text("hi")}).priority == 0
+    with pytest.raises(RequestError, match="^priority: expected an integer"):
+        admit(engine, {"text_input": text("hi"), "priority": np.array([[0.5]], dtype=np.float32)})

@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--temperature", type=float)
+    ap.add_argument("--priority", type=int, help="a priority class: lower is served first (default 0)")
     ap.add_argument("--no-stream", action="store_true", help="one response with the whole text")
     args = ap.parse_args(argv)
     messages = None
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
         ap.error("give a prompt or --messages")
     with SSJFClient(args.url, args.model) as client:
         result = client.generate(args.prompt, args.max_tokens, args.ignore_eos or None, not args.no_stream,
-                                 args.temperature, on_text=lambda t: print(t, end="", flush=True), messages=messages)
+                                 args.temperature, on_text=lambda t: print(t, end="", flush=True), messages=messages,
+                                 priority=args.priority)
     print()
     if not result.ok:
         print(f"error: {result.error}", file=sys.stderr)

@@ -17,7 +17,8 @@ import secrets
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-POLICIES = ("fcfs", "ssjf", "sjf_oracle")
+POLICIES = ("fcfs", "ssjf", "sjf_oracle", "ssrpt", "srpt_oracle")
+PREEMPTIVE = ("ssrpt", "srpt_oracle")
 BATCHING = ("none", "dynamic", "continuous")
 RUNNERS = ("auto", "torch", "vllm")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -75,7 +76,9 @@ class EngineConfig:
     runner: str = setting("auto", "batched generation: torch (ours), vllm (vLLM's engine), auto (vllm where installed)")
     device: str = setting("cpu", "cpu, cuda, cuda:1, ...")
     dtype: str = setting("auto", "auto (bf16 where the hardware runs it natively, else fp32), bfloat16, float16, float32")
-    policy: str = setting("ssjf", "queue order: fcfs, ssjf (shortest predicted first), sjf_oracle (true length)")
+    policy: str = setting("ssjf", "queue order: fcfs, ssjf (shortest predicted first), sjf_oracle (true length), "
+                                  "ssrpt (shortest expected remaining, re-ranked as jobs run, with bounded "
+                                  "preemption), srpt_oracle (true remaining)")
     batching: str = setting("continuous", "none, dynamic (request-level batches), continuous (join and leave per step)")
     max_batch_size: int = setting(16, "running requests (KV-cache slots)")
     max_seq_len: int = setting(2048, "prompt + output tokens per request")
@@ -87,6 +90,11 @@ class EngineConfig:
         2.0, "aging: ... or once later arrivals served ahead of it held it up, in decode steps, for this many "
              "times its own predicted length; 0 disables")
     max_passes: int = setting(16, "aging: ... or once this many later arrivals went ahead of it; 0 disables")
+    preempt_margin: float = setting(2.0, "ssrpt: a running job gives its place to a waiting one expected to need this "
+                                         "many times fewer tokens than it still needs; 0 disables preemption")
+    preempt_max_fraction: float = setting(0.5, "ssrpt: a job past this fraction of its expected length is not preempted")
+    max_preemptions: int = setting(1, "ssrpt: times one job may be preempted (each counts as a pass for the guard)")
+    length_sigma: float = setting(0.8, "ssrpt: the starting spread of log(true / predicted) length; learned as it serves")
     cap_by_max_tokens: bool = setting(True, "SSJF key = min(predicted length, max_tokens); off: the prediction alone")
     request_timeout_s: float = setting(600.0, "deadline from arrival unless the client sets a shorter one; 0 disables")
     max_prompt_bytes: int = setting(262144, "larger text_input is refused before tokenization")
@@ -128,6 +136,10 @@ class EngineConfig:
             raise ValueError("max_waiting must be >= 1")
         if self.max_passes < 0:
             raise ValueError("max_passes must be >= 0")
+        if self.preempt_margin < 0 or self.max_preemptions < 0 or not 0 <= self.preempt_max_fraction <= 1:
+            raise ValueError("preempt_margin and max_preemptions must be >= 0, preempt_max_fraction in [0, 1]")
+        if self.length_sigma <= 0:
+            raise ValueError("length_sigma must be > 0")
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -100,7 +100,7 @@ class Engine:
         req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text, inputs.messages),
                       max_tokens=inputs.max_tokens,
                       sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
-                      predicted_length=predicted, features=inputs.features,
+                      predicted_length=predicted, features=inputs.features, priority=inputs.priority,
                       arrival_time=self.clock() if arrival_time is None else arrival_time)
         self.add_request(req, timeout_s)
         return req
@@ -202,8 +202,14 @@ class Engine:
         self._scan_waiting()
         self._drop_cancelled(self.scheduler.running)  # frees slots before admission
         admitted = self.scheduler.schedule()
+        for req in self.scheduler.preempted:  # back to waiting with its tokens; its cache place is freed
+            self.runner.release(req)
+            self.metrics.preempted(req)
         self._drop_cancelled(admitted)  # a cancelled request is never prefilled
         admitted = [r for r in admitted if not r.is_done]
+        for req in admitted:
+            if req.output_ids:  # back from a preemption: its prompt and what it generated are prefilled again
+                self.metrics.recomputed(req.context_len)
         new_tokens = 0
         if admitted:
             new_tokens += self._postprocess(self.runner.admit(admitted))
@@ -288,6 +294,7 @@ class Engine:
         req.finish_time = self.clock()
         req.detok = None
         self.metrics.finished(req)  # before the final send: a client that sees the end sees the metric
+        self.scheduler.observe(req)
         for hook in self.finished_hooks:
             try:
                 hook(req)

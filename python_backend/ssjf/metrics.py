@@ -27,6 +27,10 @@ class Metrics:
 
     def rejected(self, reason: str) -> None: ...
 
+    def preempted(self, req: Request) -> None: ...
+
+    def recomputed(self, tokens: int) -> None: ...
+
     def proxy_fallback(self) -> None: ...
 
     def refit(self, swapped: bool, version: int) -> None: ...
@@ -55,6 +59,10 @@ class TritonMetrics(Metrics):
             "ranked": mf("ssjf_proxy_window_requests", "Finished requests the rank gauges are over", mf.GAUGE),
             "version": mf("ssjf_proxy_head_version", "Proxy corrections learned from traffic and swapped in", mf.GAUGE),
             "refits": mf("ssjf_proxy_refits_total", "Proxy refits, by result (swapped, kept)", mf.COUNTER),
+            "preemptions": mf("ssjf_preemptions_total", "Running requests that gave their batch place back (ssrpt)",
+                              mf.COUNTER),
+            "recomputed": mf("ssjf_recomputed_tokens_total", "Prompt and generated tokens prefilled again after a "
+                             "preemption", mf.COUNTER),
         }
         f = self.families
         self.queue = f["queue"].Metric(labels=labels)
@@ -66,6 +74,8 @@ class TritonMetrics(Metrics):
         self.error = f["error"].Metric(labels=labels, buckets=ERROR_BUCKETS)
         self.tau, self.mae, self.ranked, self.version = (f[k].Metric(labels=labels)
                                                          for k in ("tau", "mae", "ranked", "version"))
+        self.preemptions = f["preemptions"].Metric(labels=labels)
+        self.recomputed_tokens = f["recomputed"].Metric(labels=labels)
         self.window = RankWindow(rank_window)
         self._rank_every, self._since_rank = rank_every, 0
         self._policy = policy
@@ -120,6 +130,12 @@ class TritonMetrics(Metrics):
     def proxy_fallback(self) -> None:
         self._run(self.fallbacks.increment, 1)
 
+    def preempted(self, req: Request) -> None:
+        self._run(self.preemptions.increment, 1)
+
+    def recomputed(self, tokens: int) -> None:
+        self._run(self.recomputed_tokens.increment, tokens)
+
     def close(self) -> None:
         """Free Triton's metric objects now, from finalize(): left to the interpreter's exit they
         are freed after the stub's shared memory is gone, and the stub crashes."""
@@ -127,7 +143,7 @@ class TritonMetrics(Metrics):
 
         self._by_label.clear()
         for name in ("queue", "running", "tokens", "fallbacks", "ttft", "jct", "error", "tau", "mae", "ranked",
-                     "version"):
+                     "version", "preemptions", "recomputed_tokens"):
             setattr(self, name, None)
         self.families.clear()
         gc.collect()

@@ -385,9 +385,9 @@ class ModelRunner:
                 raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
             req.slot = len(self.slots)
             self.slots.append(req)
-        out = self._run(reqs, lambda rs: self.prefill([r.slot for r in rs], [r.prompt_ids for r in rs]))
+        out = self._run(reqs, lambda rs: self.prefill([r.slot for r in rs], [r.context_ids for r in rs]))
         for req, _ in out.tokens:
-            req.num_cached = req.prompt_len
+            req.num_cached = req.prompt_len + len(req.output_ids)  # the new token is appended after this
         return out
 
     def step(self, reqs: list[Request]) -> StepOutput:

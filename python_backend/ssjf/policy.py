@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
+import math
 import time
 from typing import Callable, Iterator
 
@@ -60,36 +62,38 @@ class RequestQueue:
 
 
 class FCFSQueue(RequestQueue):
-    """First come, first served."""
+    """First come, first served (within a priority class; the lower class first)."""
 
     def __init__(self):
-        self._q: collections.deque[Request] = collections.deque()
+        self._q: dict[int, collections.deque[Request]] = {}
 
     def add(self, req: Request) -> None:
-        self._q.append(req)
+        self._q.setdefault(req.priority, collections.deque()).append(req)
+
+    def _first(self) -> collections.deque[Request]:
+        for cls in sorted(self._q):
+            if self._q[cls]:
+                return self._q[cls]
+        raise IndexError("peek from an empty queue")
 
     def peek(self) -> Request:
-        if not self._q:
-            raise IndexError("peek from an empty queue")
-        return self._q[0]
+        return self._first()[0]
 
     def pop(self) -> Request:
-        if not self._q:
-            raise IndexError("pop from an empty queue")
-        return self._q.popleft()
+        return self._first().popleft()
 
     def remove(self, req: Request) -> bool:
         try:
-            self._q.remove(req)
+            self._q.get(req.priority, collections.deque()).remove(req)
             return True
         except ValueError:
             return False
 
     def __len__(self) -> int:
-        return len(self._q)
+        return sum(map(len, self._q.values()))
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(list(self._q))
+        return iter([r for cls in sorted(self._q) for r in self._q[cls]])
 
 
 class PriorityQueue(RequestQueue):
@@ -107,27 +111,44 @@ class PriorityQueue(RequestQueue):
         self._passed_over: set[int] = set()  # seqs a pass bound has made starving (for good: the counts only grow)
         self._held_up: dict[int, float] = {}  # seq -> decode steps those later arrivals held it up
         self._round: dict[int, float] = {}  # seq -> the longest hold-up by one job of the current batch
-        self._heap: list[tuple[float, int, Request]] = []
-        self._fifo: collections.deque[Request] = collections.deque()
+        self._heap: list[tuple[int, float, int, int, Request]] = []  # (class, key, seq, entry, request)
+        self._entries = itertools.count()
+        self._entry: dict[int, int] = {}  # seq -> its current heap entry (a request back from preemption has a new key)
+        self._fifo: dict[int, collections.deque[Request]] = {}  # per class, in arrival order
         self._live: dict[int, Request] = {}  # seq -> request; heap and fifo entries not here are stale
+        self._classes: collections.Counter[int] = collections.Counter()  # live requests per class
 
     def sort_key(self, req: Request) -> float:
         raise NotImplementedError
 
     def add(self, req: Request) -> None:
         self._live[req.seq] = req
-        heapq.heappush(self._heap, (self.sort_key(req), req.seq, req))
-        self._fifo.append(req)
+        self._classes[req.priority] += 1
+        entry = self._entry[req.seq] = next(self._entries)
+        heapq.heappush(self._heap, (req.priority, self.sort_key(req), req.seq, entry, req))
+        fifo = self._fifo.setdefault(req.priority, collections.deque())
+        if fifo and fifo[-1].seq > req.seq:  # a preempted request comes back in its arrival place
+            fifo.append(req)
+            self._fifo[req.priority] = collections.deque(sorted(fifo, key=lambda r: r.seq))
+        else:
+            fifo.append(req)
+        if req.preemptions:  # each time it gave its place back counts as a pass (the guard's bounds hold)
+            self._passes[req.seq] = self._passes.get(req.seq, 0) + req.preemptions
+
+    def _first_class(self) -> int | None:
+        return min((c for c, n in self._classes.items() if n > 0), default=None)
 
     def _oldest(self) -> Request | None:
-        while self._fifo and self._fifo[0].seq not in self._live:
-            self._fifo.popleft()
-        return self._fifo[0] if self._fifo else None
+        cls = self._first_class()
+        fifo = self._fifo.get(cls)
+        while fifo and fifo[0].seq not in self._live:
+            fifo.popleft()
+        return fifo[0] if fifo else None
 
     def _shortest(self) -> Request | None:
-        while self._heap and self._heap[0][1] not in self._live:
+        while self._heap and (self._heap[0][2] not in self._live or self._entry.get(self._heap[0][2]) != self._heap[0][3]):
             heapq.heappop(self._heap)
-        return self._heap[0][2] if self._heap else None
+        return self._heap[0][4] if self._heap else None
 
     def is_starving(self, req: Request) -> bool:
         if self.max_passes > 0 and self._passes.get(req.seq, 0) >= self.max_passes:
@@ -143,18 +164,20 @@ class PriorityQueue(RequestQueue):
             raise IndexError("peek from an empty queue")
         if self.is_starving(oldest):  # the oldest is also the first to reach starvation_s
             return oldest
-        if self._passed_over:  # the relative bound can starve a younger request first: the oldest of those
-            return self._live[min(self._passed_over)]
+        passed = [seq for seq in self._passed_over if self._live[seq].priority == oldest.priority]
+        if passed:  # the relative bound can starve a younger request first: the oldest of those
+            return self._live[min(passed)]
         return self._shortest()
 
     def pop(self) -> Request:
         req = self.peek()
         del self._live[req.seq]
+        self._classes[req.priority] -= 1
         self._forget(req)
         if self.max_passes > 0 or self.max_bypass_ratio > 0:
             steps = self.sort_key(req) / self.slots
-            for seq in self._live:  # everyone who arrived earlier was passed over once more
-                if seq < req.seq:
+            for seq, other in self._live.items():  # everyone of its class who arrived earlier was passed over
+                if seq < req.seq and other.priority == req.priority:
                     self._passes[seq] = self._passes.get(seq, 0) + 1
                     held = steps
                     if self.batch_rounds:  # only the part beyond this batch's earlier hold-ups of it
@@ -176,17 +199,20 @@ class PriorityQueue(RequestQueue):
 
     def remove(self, req: Request) -> bool:
         self._forget(req)
-        return self._live.pop(req.seq, None) is not None
+        if self._live.pop(req.seq, None) is None:
+            return False
+        self._classes[req.priority] -= 1
+        return True
 
     def __len__(self) -> int:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
         starving = [r for r in self._live.values() if self.is_starving(r)]
-        starving.sort(key=lambda r: (r.arrival_time, r.seq))
+        starving.sort(key=lambda r: (r.priority, r.arrival_time, r.seq))
         rest = [r for r in self._live.values() if not self.is_starving(r)]
-        rest.sort(key=lambda r: (self.sort_key(r), r.seq))
-        return iter(starving + rest)
+        rest.sort(key=lambda r: (r.priority, self.sort_key(r), r.seq))
+        return iter(sorted(starving + rest, key=lambda r: r.priority))  # stable: the class, then that order
 
 
 class SSJFQueue(PriorityQueue):
@@ -208,6 +234,76 @@ class SSJFQueue(PriorityQueue):
         return self.predicted(req)
 
 
+class LengthSpread:
+    """The proxy's guess as a distribution: log-normal, its median the prediction times a learned
+    bias, its spread sigma (of log(true / predicted)), both learned from the errors of the requests
+    the server finishes (a running mean over about 1/weight of them). A job's expected remaining
+    length given how long it has run is the key that lets a job which outlives its guess be ranked
+    again while it runs."""
+
+    def __init__(self, sigma: float = 0.8, weight: float = 0.02, floor: float = 0.2, ceiling: float = 2.5):
+        self.bias, self.var = 0.0, sigma * sigma
+        self.weight, self.floor, self.ceiling = weight, floor, ceiling
+        self.observed = 0
+
+    @property
+    def sigma(self) -> float:
+        return min(self.ceiling, max(self.floor, math.sqrt(self.var)))
+
+    def observe(self, predicted: float, true: int) -> None:
+        if predicted <= 0 or true <= 0:
+            return
+        x = math.log(true / predicted)
+        w = max(self.weight, 1.0 / (self.observed + 2))  # the first errors count fully, then a running mean
+        self.observed += 1
+        self.bias += w * (x - self.bias)
+        self.var += w * ((x - self.bias) ** 2 - self.var)
+
+    def expected_remaining(self, predicted: float, age: int, limit: int | None = None) -> float:
+        """E[L - age | L > age] for L log-normal around `predicted`, capped at `limit` tokens left."""
+        s = self.sigma
+        mu = math.log(max(predicted, 1.0)) + self.bias
+        if age <= 0:
+            rest = math.exp(mu + s * s / 2)
+        else:
+            z = (math.log(age) - mu) / s
+            if z < 6.0:
+                # E[L | L > a] = e^(mu + s^2/2) Phi(s - z) / Phi(-z)
+                rest = math.exp(mu + s * s / 2) * math.erfc((z - s) / math.sqrt(2)) / math.erfc(z / math.sqrt(2)) - age
+            else:  # far in the tail: the log-normal's mean residual life, a s / z
+                rest = age * s / z
+        rest = max(rest, 1.0)
+        return min(rest, limit) if limit is not None else rest
+
+
+class SSRPTQueue(SSJFQueue):
+    """Speculative shortest *remaining* processing time: the key is the expected remaining length
+    given the tokens a job has generated (LengthSpread), so the scheduler can take a running job's
+    place back for a waiting one that is expected to finish much sooner (Scheduler's preemption)."""
+
+    def __init__(self, *, spread: LengthSpread | None = None, **kw):
+        super().__init__(**kw)
+        self.spread = spread or LengthSpread()
+
+    def sort_key(self, req: Request) -> float:
+        # like SSJF's cap: in trace replay max_tokens *is* the true length, so it is read only where allowed
+        left = req.tokens_left if self.cap_by_max_tokens and req.max_tokens is not None else None
+        return self.spread.expected_remaining(self.predicted(req), len(req.output_ids), left)
+
+    def observe(self, req: Request) -> None:
+        if req.predicted_length is not None:
+            self.spread.observe(self.predicted(req), len(req.output_ids))
+
+
+class OracleSRPTQueue(SSRPTQueue):
+    """SRPT on the true remaining length (where ignore_eos fixes it), for the bound it sets."""
+
+    def sort_key(self, req: Request) -> float:
+        if req.true_length is not None:
+            return req.true_length - len(req.output_ids)
+        return super().sort_key(req)
+
+
 class OracleSJFQueue(SSJFQueue):
     """Shortest job first on the true length (known when ignore_eos fixes it via max_tokens);
     requests without one fall back to SSJF's key."""
@@ -221,10 +317,12 @@ def make_queue(config, clock: Callable[[], float] = time.monotonic) -> RequestQu
     batches (dynamic batching) one batch holds the queue up as long as its longest job."""
     if config.policy == "fcfs":
         return FCFSQueue()
-    if config.policy in ("ssjf", "sjf_oracle"):
+    classes = {"ssjf": SSJFQueue, "sjf_oracle": OracleSJFQueue, "ssrpt": SSRPTQueue, "srpt_oracle": OracleSRPTQueue}
+    if config.policy in classes:
         dynamic = config.batching == "dynamic"
-        cls = SSJFQueue if config.policy == "ssjf" else OracleSJFQueue
+        cls = classes[config.policy]
+        extra = {"spread": LengthSpread(config.length_sigma)} if issubclass(cls, SSRPTQueue) else {}
         return cls(starvation_s=config.starvation_s, clock=clock, max_passes=config.max_passes,
                    max_bypass_ratio=config.max_bypass_ratio, cap_by_max_tokens=config.cap_by_max_tokens,
-                   slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic)
+                   slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic, **extra)
     raise ValueError(f"unknown policy {config.policy!r}")

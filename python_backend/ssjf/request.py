@@ -53,6 +53,7 @@ class LLMInputs:
     text_bytes: int = 0  # the prompt's size as sent, for max_prompt_bytes
     features: Any = None  # the proxy's features (numpy, float32), for the proxy refresh (learner.py)
     messages: list[dict[str, str]] | None = None  # a conversation (text is then its last user turn)
+    priority: int = 0  # the client's class: lower first
 
     def __post_init__(self):
         if not self.text_bytes:
@@ -82,10 +83,26 @@ class Request:
     text: str = ""  # detokenized output so far
     detok: Any = field(default=None, repr=False)  # the engine's IncrementalDetokenizer while it runs
     features: Any = field(default=None, repr=False)  # the proxy's features, when the ensemble sent them
+    priority: int = 0  # the client's class: lower is served first; the length key orders within a class
+    preemptions: int = 0  # times it gave its batch place back (ssrpt); its tokens and stream stay
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a runner prefills on admission: the prompt, plus what it generated before a preemption."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def tokens_left(self) -> int:
+        """Output tokens it may still generate."""
+        return self.max_tokens - len(self.output_ids)
 
     @property
     def true_length(self) -> int | None:

@@ -13,9 +13,37 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import EngineConfig
+from .config import PREEMPTIVE, EngineConfig
 from .policy import make_queue
 from .request import Request, RequestStatus
+
+
+@dataclass
+class Preemption:
+    """When a running job gives its batch place back (ssrpt): the batch is full, the best waiting
+    job's expected remaining length is `margin` times shorter than a running job's (or its priority
+    class is higher), that job is not past `max_fraction` of its expected length, and it has been
+    preempted fewer than `max_times` times. It keeps its tokens and its stream; it comes back with
+    its prompt plus what it generated, as a waiting job keyed by its expected remaining length."""
+
+    margin: float
+    max_fraction: float
+    max_times: int
+
+    def victim(self, candidate: Request, running: list[Request], key) -> Request | None:
+        def eligible(r: Request) -> bool:
+            if r.is_done or r.preemptions >= self.max_times or r.priority < candidate.priority:
+                return False
+            age = len(r.output_ids)
+            return age <= self.max_fraction * (age + key(r))
+
+        victims = [r for r in running if eligible(r)]
+        if not victims:
+            return None
+        worst = max(victims, key=lambda r: (r.priority, key(r)))
+        if worst.priority > candidate.priority or key(candidate) * self.margin < key(worst):
+            return worst
+        return None
 
 
 @dataclass
@@ -30,7 +58,7 @@ class Admission:
             return False
         if not admitted:
             return True  # a single prompt is always admitted (the engine bounds prompt length)
-        width = max(req.prompt_len, max(r.prompt_len for r in admitted))
+        width = max(req.context_len, max(r.context_len for r in admitted))
         return width * (len(admitted) + 1) <= self.max_prefill_tokens
 
 
@@ -40,6 +68,10 @@ class Scheduler:
         self.waiting = make_queue(config, clock)
         self.running: list[Request] = []  # in admission order; the runner owns their cache places
         self.admission = Admission(config.max_batch_size, config.max_prefill_tokens)
+        self.preemption = (Preemption(config.preempt_margin, config.preempt_max_fraction, config.max_preemptions)
+                           if config.policy in PREEMPTIVE and config.batching == "continuous" and config.preempt_margin > 0
+                           and config.max_preemptions > 0 else None)
+        self.preempted: list[Request] = []  # by the last schedule(): the engine frees their cache places
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -54,6 +86,7 @@ class Scheduler:
             if self.running:
                 return []
             self.waiting.new_round()
+        self.preempted = self._preempt()
         admitted: list[Request] = []
         while self.waiting and self.admission.fits(self.waiting.peek(), len(self.running), admitted):
             admitted.append(self.waiting.pop())
@@ -61,6 +94,25 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
         return admitted
+
+    def _preempt(self) -> list[Request]:
+        """At most one running job gives its place back per step (so recompute stays bounded)."""
+        if self.preemption is None or len(self.running) < self.admission.max_running or not self.waiting:
+            return []
+        candidate = self.waiting.peek()
+        victim = self.preemption.victim(candidate, self.running, self.waiting.sort_key)
+        if victim is None:
+            return []
+        self.running.remove(victim)
+        victim.preemptions += 1
+        self.add(victim)
+        return [victim]
+
+    def observe(self, req: Request) -> None:
+        """A request ended: the policy learns from its true length (ssrpt's spread)."""
+        learn = getattr(self.waiting, "observe", None)
+        if learn is not None and req.finish_reason in ("stop", "length"):
+            learn(req)
 
     def retire(self, req: Request) -> None:
         """Take a request out of the running batch."""

@@ -218,6 +218,17 @@ def stub_processes(parent: int) -> dict[int, str]:
     return found
 
 
+def die_with_parent() -> None:
+    """In a child before exec: the kernel kills it when its parent dies (even by SIGKILL), so a
+    supervisor that is killed never leaves a tritonserver behind. Linux only; elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def is_running(pid: int) -> bool:
     """pid exists and is not a zombie."""
     try:
@@ -279,7 +290,8 @@ class Supervisor:
             server = TritonServer(self.inner, env=self.env, log_path=self.log_path)
             out = open(self.log_path, "ab") if self.log_path else None  # None: this process's own output
             server.proc = subprocess.Popen(command(self.inner), env=server.env, stdout=out,
-                                           stderr=subprocess.STDOUT if out else None, start_new_session=True)
+                                           stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                           preexec_fn=die_with_parent)
             self.server = server
             stubs: dict[int, str] = {}
             while True:

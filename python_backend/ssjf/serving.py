@@ -17,7 +17,7 @@ from .engine import RequestError
 from .request import LLMInputs
 
 LLM_INPUTS = ("text_input", "messages", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature",
-              "proxy_features")
+              "priority", "proxy_features")
 ROLES = ("system", "user", "assistant")
 INTERNAL = ("predicted_length", "proxy_features")  # what the ensemble's proxy step adds
 
@@ -120,7 +120,7 @@ def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
     else:
         size = len(text) if isinstance(text, (bytes, np.bytes_)) else 0
         parsed = LLMInputs(text=decode_text(text), text_bytes=size)
-    for name in ("max_tokens", "predicted_length"):
+    for name in ("max_tokens", "predicted_length", "priority"):
         value = _scalar(name, arrays.get(name))
         if value is not None:
             if not np.issubdtype(np.asarray(value).dtype, np.integer):

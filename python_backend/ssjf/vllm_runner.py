@@ -67,6 +67,7 @@ class VllmRunner:
         self.eos_token_ids = eos_ids(generation, self.tokenizer)
         self.max_seq_len = min(config.max_seq_len, engine.model_config.max_model_len)
         self._live: dict[str, Request] = {}  # vLLM request id -> request, while vLLM holds it
+        self._ids: dict[int, str] = {}  # request seq -> its vLLM request id now
         self.threads = EngineThreads(config.num_threads, config.device)
         log.info("vllm runner: %s in %s, max_num_seqs %d, max_model_len %d", path, dtype, config.max_batch_size,
                  self.max_seq_len)
@@ -87,17 +88,24 @@ class VllmRunner:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=req.max_tokens, ignore_eos=req.ignore_eos, temperature=req.temperature,
+        return SamplingParams(max_tokens=req.tokens_left, ignore_eos=req.ignore_eos, temperature=req.temperature,
                               output_kind=RequestOutputKind.DELTA, detokenize=False, skip_special_tokens=False)
+
+    @staticmethod
+    def _key(req: Request) -> str:
+        """vLLM's id for req; a preempted request comes back under a new one (its prompt now holds what it
+        generated, and vLLM's prefix cache keeps that recompute short while the blocks last)."""
+        return f"{req.seq}.{req.preemptions}" if req.preemptions else str(req.seq)
 
     def admit(self, reqs: list[Request]) -> StepOutput:
         """Hand the requests to vLLM; their prefill runs in the next step."""
         out = StepOutput()
         for req in reqs:
-            key = str(req.seq)
+            key = self._key(req)
             try:
-                self.engine.add_request(key, {"prompt_token_ids": list(req.prompt_ids)}, self._params(req))
+                self.engine.add_request(key, {"prompt_token_ids": list(req.context_ids)}, self._params(req))
                 self._live[key] = req
+                self._ids[req.seq] = key
             except Exception as exc:  # vLLM refused it (its own validation): this request alone fails
                 out.failed.append((req, exc))
         return out
@@ -123,12 +131,13 @@ class VllmRunner:
                 out.tokens.append((req, list(o.outputs[0].token_ids)))
             if o.finished:
                 del self._live[o.request_id]
+                self._ids.pop(req.seq, None)
                 out.stopped.append(req)
         return out
 
     def release(self, req: Request) -> None:
-        key = str(req.seq)
-        if self._live.pop(key, None) is not None:
+        key = self._ids.pop(req.seq, None)  # the id it was admitted under (a preemption counts up after)
+        if key is not None and self._live.pop(key, None) is not None:
             try:
                 self.engine.abort_request([key])
             except Exception:

@@ -39,7 +39,7 @@ import tritonclient.grpc as grpcclient
 
 from ssjf_client.client import build_inputs
 
-from .flags import GUARD, config_args
+from .flags import GUARD, PREEMPT, config_args
 
 
 TEMPLATE_TOKENS = 32  # what the chat template adds to a prompt, in tokens
@@ -247,6 +247,7 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
                SSJF_MAX_BATCH_SIZE=str(args.max_batch_size), SSJF_PROXY_ARTIFACT=args.artifact,
                SSJF_STARVATION_S=str(args.starvation_s), SSJF_MAX_PASSES=str(args.max_passes),
                SSJF_MAX_BYPASS_RATIO=str(args.max_bypass_ratio),
+               **{f"SSJF_{name.upper()}": str(getattr(args, name)) for name in PREEMPT},
                SSJF_MAX_SEQ_LEN=str(args.max_seq_len),
                # trace replay's max_tokens *is* the true length: SSJF must not read it
                SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0", **fresh_refresh(args))
@@ -469,7 +470,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="ssjf bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(ap)
-    config_args(ap, GUARD)
+    config_args(ap, GUARD + PREEMPT)
     ap.add_argument("--slo-norm-latency", type=float, default=0.5,
                     help="SLO on p90 normalized latency (s/token) for a sweep's capacity: the highest rate that meets "
                          "it, per policy (0.5 suits this 2-core CPU; on a GPU a tenth of that)")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 GUARD = ("starvation_s", "max_bypass_ratio", "max_passes")  # the starvation guard's EngineConfig fields
+PREEMPT = ("preempt_margin", "preempt_max_fraction", "max_preemptions")  # ssrpt's preemption bounds
 
 
 def config_args(ap: argparse.ArgumentParser, names, sweep: bool = False, **defaults) -> None:

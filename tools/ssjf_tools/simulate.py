@@ -37,7 +37,7 @@ from ssjf.runner import StepOutput
 
 from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
                     summarize, workload_args)
-from .flags import GUARD, config_args
+from .flags import GUARD, PREEMPT, config_args
 
 
 @dataclass
@@ -82,8 +82,10 @@ class CostModelRunner:
 
     EOS = 1
 
-    def __init__(self, clock: VirtualClock, cost: StepCost, lengths: dict[str, int], max_seq_len: int):
+    def __init__(self, clock: VirtualClock, cost: StepCost, lengths: dict[str, int], max_seq_len: int,
+                 kv_parking: bool = False):
         self.clock, self.cost, self.lengths = clock, cost, lengths
+        self.kv_parking = kv_parking  # a preempted request keeps its KV: coming back costs no prefill
         self.tokenizer = _NoText()
         self.max_seq_len = max_seq_len
         self.eos_token_ids = {self.EOS}
@@ -93,7 +95,9 @@ class CostModelRunner:
         return StepOutput(tokens=[(r, [self.EOS if end else 0]) for r, end in zip(reqs, last)])
 
     def admit(self, reqs: list[Request]) -> StepOutput:
-        self.clock.now += self.cost.prefill(max(r.prompt_len for r in reqs), len(reqs))
+        fresh = [r for r in reqs if not (self.kv_parking and r.output_ids)]
+        if fresh:
+            self.clock.now += self.cost.prefill(max(r.context_len for r in fresh), len(fresh))
         return self._one_token_each(reqs)
 
     def step(self, reqs: list[Request]) -> StepOutput:
@@ -104,7 +108,7 @@ class CostModelRunner:
 
 
 def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: list[int | None],
-             times: np.ndarray, cost: StepCost, ignore_eos: bool = True) -> list[Job]:
+             times: np.ndarray, cost: StepCost, ignore_eos: bool = True, kv_parking: bool = False) -> list[Job]:
     """Replay jobs (arriving at `times`, sorted) through the serving engine itself (`Engine.step`:
     its scheduler, policy, guard, admission and stop rules) built from `config` (an EngineConfig),
     on a virtual clock, with CostModelRunner in place of the model. lengths: the tokens each job
@@ -113,7 +117,7 @@ def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: 
     first-token and done times."""
     config = dataclasses.replace(config, request_timeout_s=0.0, max_waiting=max(config.max_waiting, len(lengths)))
     clock = VirtualClock(0.0)
-    runner = CostModelRunner(clock, cost, {str(i): n for i, n in enumerate(lengths)}, config.max_seq_len)
+    runner = CostModelRunner(clock, cost, {str(i): n for i, n in enumerate(lengths)}, config.max_seq_len, kv_parking)
     engine = Engine(config, runner=runner, clock=clock)
     sink = NullSink()
     reqs = [Request(str(i), [0] * p, max_tokens=n if ignore_eos else None, sink=sink, ignore_eos=ignore_eos,
@@ -143,9 +147,12 @@ def calibrate(target_mean_s: float, run_fcfs, lo: float = 0.02, hi: float = 50.0
     return (lo * hi) ** 0.5
 
 
-def guard_label(passes: float, ratio: float, starve: float) -> str:
-    """K: max_passes, R: max_bypass_ratio, S: starvation_s."""
-    return f"K{passes:g} R{ratio:g} S{starve:g}"
+def guard_label(passes: float, ratio: float, starve: float, margin: float | None = None,
+                fraction: float | None = None, times: float | None = None) -> str:
+    """K: max_passes, R: max_bypass_ratio, S: starvation_s; for ssrpt M: preempt_margin,
+    F: preempt_max_fraction, P: max_preemptions."""
+    label = f"K{passes:g} R{ratio:g} S{starve:g}"
+    return label if margin is None else f"{label} M{margin:g} F{fraction:g} P{times:g}"
 
 
 def floats(text: str) -> list[float]:
@@ -169,7 +176,7 @@ def bench_defaults(path: str, flags: set[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    from ssjf.config import EngineConfig
+    from ssjf.config import PREEMPTIVE, EngineConfig
     from .data import count_tokens
     from ssjf.proxy import LengthPredictor
 
@@ -179,7 +186,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--from-bench", metavar="REPORT.json",
                     help="a real `ssjf bench` report: its workload, arrivals, server and guard settings become this "
                          "run's defaults (flags given here override them), calibrated on its first run's FCFS mean")
-    config_args(ap, GUARD, sweep=True)
+    config_args(ap, GUARD + PREEMPT, sweep=True)
     ap.add_argument("--repeats", type=int, default=8, help="rounds: new arrival times each (seeds seed, seed+1, ...; "
                                                                     "the Azure trace's next window)")
     for name, value in vars(StepCost()).items():
@@ -187,6 +194,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--noise-sigma", type=float,
                     help="replace the artifact's predictions by true length x exp(N(0, sigma^2)): the gain a "
                          "predictor of that quality would give (the report records its Kendall tau)")
+    ap.add_argument("--kv-parking", action="store_true",
+                    help="a preempted request keeps its KV cache (no recompute when it comes back); default: "
+                         "it is prefilled again with its prompt and generated tokens, as the runners do")
     ap.add_argument("--calibrate-fcfs-mean", type=float,
                     help="scale the step costs so FCFS's mean JCT (over the rounds, first rate) is this many seconds")
     ap.add_argument("--out", required=True, help="REPORT.json (a Markdown table is written beside it)")
@@ -213,18 +223,22 @@ def main(argv=None) -> dict:
     rates = floats(args.rates) if args.rates else [args.rate]
     batchings = [b.strip() for b in args.batching.split(",")]
     guards = list(itertools.product(floats(args.max_passes), floats(args.max_bypass_ratio), floats(args.starvation_s)))
-    sweep = len(guards) > 1
+    preempts = list(itertools.product(floats(args.preempt_margin), floats(args.preempt_max_fraction),
+                                      floats(args.max_preemptions)))
+    sweep = len(guards) > 1 or len(preempts) > 1
     arrivals = {}  # (rate, round) -> times: computed once (the Azure trace is a CSV read), replayed by every run
 
     def run(policy, batching, rate, r, guard, step_cost):
-        passes, ratio, starve = guard
+        passes, ratio, starve, *preempt = guard
+        margin, fraction, times = preempt or preempts[0]
         config = EngineConfig(policy=policy, batching=batching, max_batch_size=args.max_batch_size,
                               max_seq_len=args.max_seq_len, starvation_s=starve, max_bypass_ratio=ratio,
-                              max_passes=int(passes), cap_by_max_tokens=args.natural)
+                              max_passes=int(passes), cap_by_max_tokens=args.natural, preempt_margin=margin,
+                              preempt_max_fraction=fraction, max_preemptions=int(times))
         if (rate, r) not in arrivals:
             arrivals[rate, r] = round_arrivals(args, rate, r)
         jobs = simulate(config, prompt_tokens, lengths, predictions, arrivals[rate, r], step_cost,
-                        ignore_eos=not args.natural)
+                        ignore_eos=not args.natural, kv_parking=args.kv_parking)
         return summarize(jobs, lengths)
 
     if args.calibrate_fcfs_mean:
@@ -245,7 +259,9 @@ def main(argv=None) -> dict:
             for r in range(args.repeats):
                 round_ = {}
                 for policy in [p.strip() for p in args.policies.split(",")]:
-                    for guard in ([guards[0]] if policy == "fcfs" else guards):
+                    settings = ([guards[0]] if policy == "fcfs" else
+                                [g + p for g in guards for p in preempts] if policy in PREEMPTIVE else guards)
+                    for guard in settings:
                         label = f"{policy} {guard_label(*guard)}" if sweep and policy != "fcfs" else policy
                         round_[label] = run(policy, batching, rate, r, guard, cost)
                 rounds.append(round_)
