@@ -56,23 +56,34 @@ def prompt_ceiling(prompts: list[str], true: np.ndarray, rows=None) -> dict | No
             "leave_one_out_kendall_tau": kendall_tau(((total[keep] - y[keep]) / (count[keep] - 1)), y[keep])}
 
 
+CHECKPOINTS = (100, 200, 400, 800)  # requests served
+
+
 def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_every: int, window: int,
-                  windows: int = 8) -> dict:
+                  windows: int = 8, ahead: int = 200) -> dict:
     """The serving refresh, offline, with the server's own learner: each block of rows is predicted
     by the head in use, then its true lengths are learned and the head refitted
     (ssjf.learner.OnlineHead over the features the proxy sends, its own prediction last)."""
-    from ssjf.learner import LastColumn, OnlineHead
+    from ssjf.learner import LastColumn, OnlineHead, kendall_tau
 
     base = predictor.head.predict_log(x)
     served = np.hstack([x, base[:, None]]).astype(np.float32)  # what the proxy sends the llm
     head = OnlineHead(LastColumn(), window=window)
     pred_log = np.empty(len(true))
+    checkpoints = []  # the head as it stood after n requests, on the `ahead` requests that came next
     for start in range(0, len(true), refresh_every):
         block = slice(start, start + refresh_every)
         pred_log[block] = head.predict_log(served[block])
         for xi, n in zip(served[block], true[block]):
             head.observe(xi, int(n))
         head.refit()
+        done = min(start + refresh_every, len(true))
+        for n in CHECKPOINTS:
+            if start < n <= done and n < len(true):
+                nxt = slice(n, min(n + ahead, len(true)))
+                checkpoints.append({"served": n, "rows": [n, nxt.stop],
+                                    "kendall_tau": kendall_tau(head.predict_log(served[nxt]), true[nxt]),
+                                    "frozen_kendall_tau": kendall_tau(base[nxt], true[nxt])})
     online, frozen = predictor.to_lengths(pred_log), predictor.to_lengths(base)
     half = slice(len(true) // 2, None)
     report = proxy_metrics(online[half], true[half], edges)
@@ -82,6 +93,7 @@ def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_eve
     report["windows"] = [{"rows": [int(a), int(b)], "kendall_tau": proxy_metrics(online[a:b], true[a:b], edges)["kendall_tau"],
                           "frozen_kendall_tau": proxy_metrics(frozen[a:b], true[a:b], edges)["kendall_tau"]}
                          for a, b in zip(bounds[:-1], bounds[1:])]
+    report["checkpoints"] = checkpoints
     report["refits"] = {"swapped": head.version, "rejected": head.rejected, "every_rows": refresh_every, "window": window}
     return report
 
@@ -120,6 +132,9 @@ def main(argv=None) -> dict:
                     help="--online: recent rows the refit learns from (default: the server's)")
     ap.add_argument("--shuffle-seed", type=int, help="--online: replay the rows in a seeded random order instead "
                                                       "of the file's")
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help="keep one row per prompt (the first, after any shuffle): a stream where no prompt recurs, "
+                         "so a learner cannot look up answers it has seen")
     args = ap.parse_args(argv)
 
     import torch
@@ -138,6 +153,9 @@ def main(argv=None) -> dict:
         raise SystemExit("no rows with a response or length")
     if args.online and args.shuffle_seed is not None:
         rows = [rows[i] for i in np.random.default_rng(args.shuffle_seed).permutation(len(rows))]
+    if args.distinct_prompts:
+        seen: set[str] = set()
+        rows = [r for r in rows if not (r.prompt in seen or seen.add(r.prompt))]
     true = np.asarray(response_lengths(rows, args.tokenizer or meta.get("tokenizer", "smollm2")), dtype=np.float64)
     prompts = [r.prompt for r in rows]
     models = [r.model for r in rows] if predictor.models else None
