@@ -284,6 +284,39 @@ def test_predicted_length_orders_the_llm_queue(server):
     assert queued == ["capped", "short", "mid", "long"], order
 
 
+def test_a_priority_class_goes_before_a_shorter_job_of_a_lower_class(server):
+    """With every slot busy: class 0 is served before class 1 whatever the predicted lengths, and the
+    length key orders within a class; the ensemble takes the priority input too."""
+    inputs = lambda text, pred, prio: build_inputs(text, max_tokens=20, ignore_eos=True, priority=prio) + [_pred(pred)]  # noqa: E731
+    order = []
+    lock = threading.Lock()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    done = threading.Event()
+
+    def callback(result, error):
+        if error is None and result.get_response().parameters["triton_final_response"].bool_param:
+            with lock:
+                order.append(result.get_response().id)
+                if len(order) == 3 + 16:
+                    done.set()
+
+    client.start_stream(callback=callback)
+    for i in range(16):
+        client.async_stream_infer("llm", build_inputs("Fill.", max_tokens=30 + 4 * i, ignore_eos=True),
+                                  request_id=f"fill{i}", enable_empty_final_response=True)
+    time.sleep(0.5)
+    client.async_stream_infer("llm", inputs("short, background", 3, 1), request_id="short1", enable_empty_final_response=True)
+    client.async_stream_infer("llm", inputs("long, urgent", 19, 0), request_id="long0", enable_empty_final_response=True)
+    client.async_stream_infer("llm", inputs("mid, urgent", 10, 0), request_id="mid0", enable_empty_final_response=True)
+    assert done.wait(180)
+    client.stop_stream()
+    client.close()
+    assert [rid for rid in order if not rid.startswith("fill")] == ["mid0", "long0", "short1"], order
+    with SSJFClient(server.grpc_url) as c:
+        r = c.generate("Say hi.", max_tokens=3, priority=2)
+    assert r.ok, r.error
+
+
 def _pred(value):
     t = grpcclient.InferInput("predicted_length", [1, 1], "INT32")
     t.set_data_from_numpy(np.array([[value]], dtype=np.int32))
