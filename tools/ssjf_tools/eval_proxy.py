@@ -79,7 +79,7 @@ def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_eve
         head.refit()
         done = min(start + refresh_every, len(true))
         for n in CHECKPOINTS:
-            if start < n <= done and n < len(true):
+            if start < n <= done and n + ahead <= len(true):  # a full window of requests after it
                 nxt = slice(n, min(n + ahead, len(true)))
                 checkpoints.append({"served": n, "rows": [n, nxt.stop],
                                     "kendall_tau": kendall_tau(head.predict_log(served[nxt]), true[nxt]),
