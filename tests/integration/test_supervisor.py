@@ -26,14 +26,14 @@ KEY = "test-admin-key"
 class Served:
     """`ssjf serve` in a child process, its output in a log file."""
 
-    def __init__(self, root: Path, drain_s: int = 10):
+    def __init__(self, root: Path, drain_s: int = 10, **extra_env):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = root / "serve.log"
         key_file = root / "admin.key"
         key_file.write_text(KEY + "\n")
         env = dict(os.environ, HTTP_PORT=str(self.http), GRPC_PORT=str(self.grpc), METRICS_PORT=str(self.metrics),
                    SSJF_DRAIN_S=str(drain_s), SSJF_ADMIN_KEY_FILE=str(key_file), SSJF_PROXY_REFRESH="0",
-                   SSJF_MAX_BATCH_SIZE="16")
+                   SSJF_MAX_BATCH_SIZE="16", **extra_env)
         env.pop("SSJF_ADMIN_KEY", None)
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "ssjf"), "serve"], env=env,
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -189,3 +189,20 @@ def test_sigterm_drains_what_can_finish_and_exits_cleanly(served):
     log = served.log.read_text()
     for crash in ("Segfault", "malloc()", "Signal (6)", "Signal (11)", "Exit timeout expired"):
         assert crash not in log, crash
+
+
+def test_a_killed_supervisor_leaves_no_tritonserver_behind(tmp_path):
+    """kill -9 of `ssjf serve` itself: tritonserver (its own session) dies with it, and its stubs."""
+    srv = Served(tmp_path, SSJF_RUNNER="torch")
+    try:
+        srv.wait_ready()
+        processes = srv.processes()
+        assert len(processes) == 3
+        srv.proc.kill()
+        srv.proc.wait()
+        deadline = time.monotonic() + 30
+        while any(is_running(pid) for pid in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in processes if is_running(pid)] == []
+    finally:
+        srv.stop()
