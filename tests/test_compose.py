@@ -20,7 +20,8 @@ def test_triton_service_runs_the_official_2_51_image_on_a_gpu():
 
 def test_ports_are_published_on_loopback_only():
     ports = COMPOSE["services"]["triton"]["ports"]
-    assert sorted(ports) == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"]
+    assert sorted(ports) == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002",
+                             "127.0.0.1:8003:9000"]
 
 
 def test_healthcheck_is_readiness_and_locust_waits_for_it():

@@ -10,7 +10,7 @@ TOOLS = ROOT / "tools" / "ssjf_tools"
 # what tritonserver loads: the model.py files and the serving modules they reach
 PRODUCT = {"ssjf", "ssjf.config", "ssjf.request", "ssjf.policy", "ssjf.scheduler", "ssjf.runner", "ssjf.model_runner",
            "ssjf.vllm_runner", "ssjf.detokenizer", "ssjf.engine", "ssjf.serving", "ssjf.metrics", "ssjf.responder",
-           "ssjf.cpus", "ssjf.kernels", "ssjf.proxy", "ssjf.assets", "ssjf.server", "ssjf.cli", "ssjf.learner", "ssjf.gate"}
+           "ssjf.cpus", "ssjf.kernels", "ssjf.proxy", "ssjf.assets", "ssjf.server", "ssjf.cli", "ssjf.learner", "ssjf.gate", "ssjf.openai_api"}
 
 
 def imports(path: Path, package: str) -> set[str]:

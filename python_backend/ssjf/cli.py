@@ -78,7 +78,7 @@ def settings(argv) -> int:
     print("# server: HTTP_PORT 8000, GRPC_PORT 8001, METRICS_PORT 8002, SSJF_HOST 127.0.0.1,\n"
           "# SSJF_MODEL_REPOSITORY ./model_repository, SSJF_ADMIN_KEY or SSJF_ADMIN_KEY_FILE (random),\n"
           "# SSJF_CACHE_DIR ~/.cache/ssjf; ssjf serve: SSJF_DRAIN_S 30, SSJF_HTTP_GATE 1, SSJF_MAX_BODY_BYTES 1048576,\n"
-          "# SSJF_MAX_JSON_DEPTH 32, SSJF_MAX_RESTARTS 10")
+          "# SSJF_MAX_JSON_DEPTH 32, SSJF_MAX_RESTARTS 10, OPENAI_PORT 9000 (0: off)")
     return 0
 
 

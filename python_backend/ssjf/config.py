@@ -205,6 +205,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # the gate's body limit (SSJF_MAX_BODY_BYTES)
     max_json_depth: int = 32  # the gate's JSON nesting limit (SSJF_MAX_JSON_DEPTH)
     max_restarts: int = 10  # tritonserver restarts after a dead stub or an unexpected exit (SSJF_MAX_RESTARTS)
+    openai_port: int = 9000  # the OpenAI-compatible API (ssjf.openai_api); 0: off (OPENAI_PORT)
 
     @classmethod
     def on_free_ports(cls, **kw) -> "ServerConfig":
@@ -228,6 +229,7 @@ class ServerConfig:
             max_body_bytes=int(environ.get("SSJF_MAX_BODY_BYTES", 1 << 20)),
             max_json_depth=int(environ.get("SSJF_MAX_JSON_DEPTH", 32)),
             max_restarts=int(environ.get("SSJF_MAX_RESTARTS", 10)),
+            openai_port=int(environ.get("OPENAI_PORT", 9000)),
             **({"model_repository": Path(repo)} if repo else {}),
         )
 

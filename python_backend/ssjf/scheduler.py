@@ -40,6 +40,8 @@ class Preemption:
         victims = [r for r in running if eligible(r)]
         if not victims:
             return None
+        if min(key(r) for r in running if not r.is_done) <= key(candidate):
+            return None  # a place frees before the candidate could have finished: waiting costs it little
         worst = max(victims, key=lambda r: (r.priority, key(r)))
         if worst.priority > candidate.priority or key(candidate) * self.margin < key(worst):
             return worst

@@ -270,12 +270,31 @@ class Supervisor:
                         self.config.admin_key, self.config.max_body_bytes, self.config.max_json_depth).start()
             self.log(f"HTTP gate on {self.config.host}:{self.config.http_port} -> tritonserver's HTTP on "
                      f"127.0.0.1:{self.inner.http_port}")
+        openai = self._openai() if self.config.openai_port else None
         try:
             return self._supervise()
         finally:
+            if openai is not None:
+                openai.stop()
             if gate is not None:
                 gate.stop()
             shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def _openai(self):
+        """The OpenAI-compatible API over the ensemble (gRPC), with the served model's tokenizer for usage."""
+        from transformers import AutoTokenizer
+
+        from .assets import resolve_llm
+        from .config import EngineConfig
+        from .openai_api import OpenAIServer
+
+        engine = EngineConfig.from_strings({}, self.env)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_llm(engine.model))
+        host = "127.0.0.1" if self.config.host == "0.0.0.0" else self.config.host
+        api = OpenAIServer(self.config.host, self.config.openai_port, f"{host}:{self.config.grpc_port}",
+                           engine.model, tokenizer, engine.request_timeout_s).start()
+        self.log(f"OpenAI API on {self.config.host}:{self.config.openai_port} (model {engine.model!r})")
+        return api
 
     def _on_signal(self, signum, frame) -> None:
         """The first signal starts the drain at once (readiness false within milliseconds)."""

@@ -27,11 +27,12 @@ class Served:
     """`ssjf serve` in a child process, its output in a log file."""
 
     def __init__(self, root: Path, drain_s: int = 10, **extra_env):
-        self.http, self.grpc, self.metrics = free_ports(3)
+        self.http, self.grpc, self.metrics, self.openai = free_ports(4)
         self.log = root / "serve.log"
         key_file = root / "admin.key"
         key_file.write_text(KEY + "\n")
         env = dict(os.environ, HTTP_PORT=str(self.http), GRPC_PORT=str(self.grpc), METRICS_PORT=str(self.metrics),
+                   OPENAI_PORT=str(self.openai),
                    SSJF_DRAIN_S=str(drain_s), SSJF_ADMIN_KEY_FILE=str(key_file), SSJF_PROXY_REFRESH="0",
                    SSJF_MAX_BATCH_SIZE="16", **extra_env)
         env.pop("SSJF_ADMIN_KEY", None)
@@ -162,6 +163,69 @@ def test_a_killed_stub_ends_its_streams_and_the_server_comes_back(served):
     assert "the Python stub of llm" in served.log.read_text()
 
 
+def test_a_killed_supervisor_leaves_no_tritonserver_behind(tmp_path):
+    """kill -9 of `ssjf serve` itself: tritonserver (its own session) dies with it, and its stubs."""
+    srv = Served(tmp_path, SSJF_RUNNER="torch")
+    try:
+        srv.wait_ready()
+        processes = srv.processes()
+        assert len(processes) == 3
+        srv.proc.kill()
+        srv.proc.wait()
+        deadline = time.monotonic() + 30
+        while any(is_running(pid) for pid in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in processes if is_running(pid)] == []
+    finally:
+        srv.stop()
+
+
+def openai_client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{served.openai}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_chat_and_completions_streamed_and_not(served):
+    client = openai_client(served)
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a color."}],
+                                       max_tokens=8, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens > 3 and 1 <= r.usage.completion_tokens <= 9
+    pieces, usage = [], None
+    for chunk in client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count to 5."}],
+                                                max_completion_tokens=12, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert len(pieces) > 1 and usage is not None and usage.completion_tokens >= 1
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert c.choices[0].text and c.usage.prompt_tokens >= 5
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True) if ch.choices)
+    assert streamed == c.choices[0].text  # greedy: the same text either way
+    cut = client.completions.create(model="smollm2", prompt="List: a, b, c, d,", max_tokens=20, stop=[","],
+                                    extra_body={"ignore_eos": True})
+    assert "," not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+
+
+def test_openai_errors_name_the_field(served):
+    import openai
+
+    client = openai_client(served)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+    assert bad.value.status_code == 400 and "max_tokens" in str(bad.value)
+    with pytest.raises(openai.BadRequestError, match="n: not supported"):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="smollm2", prompt="hi", temperature=-1)
+    status, body = request(f"http://127.0.0.1:{served.openai}/v1/completions", b"[" * 100_000)
+    assert status == 400 and b"not valid JSON" in body
+
+
 def test_sigterm_drains_what_can_finish_and_exits_cleanly(served):
     """Runs last (it stops the module's server): 4 requests that finish within the 10 s drain, 4 that
     cannot; SIGTERM: readiness false at once, new requests refused, the 4 short ones complete, the
@@ -189,20 +253,3 @@ def test_sigterm_drains_what_can_finish_and_exits_cleanly(served):
     log = served.log.read_text()
     for crash in ("Segfault", "malloc()", "Signal (6)", "Signal (11)", "Exit timeout expired"):
         assert crash not in log, crash
-
-
-def test_a_killed_supervisor_leaves_no_tritonserver_behind(tmp_path):
-    """kill -9 of `ssjf serve` itself: tritonserver (its own session) dies with it, and its stubs."""
-    srv = Served(tmp_path, SSJF_RUNNER="torch")
-    try:
-        srv.wait_ready()
-        processes = srv.processes()
-        assert len(processes) == 3
-        srv.proc.kill()
-        srv.proc.wait()
-        deadline = time.monotonic() + 30
-        while any(is_running(pid) for pid in processes) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert [pid for pid in processes if is_running(pid)] == []
-    finally:
-        srv.stop()

@@ -1,0 +1,47 @@
+"""The OpenAI API's request mapping, stop strings and error shapes, without a server."""
+
+import json
+
+import pytest
+
+from ssjf.openai_api import APIError, StopScan, from_triton, parse_body
+
+
+def test_chat_maps_to_messages_and_the_token_limits():
+    f = parse_body({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                    "max_completion_tokens": 5, "temperature": 0.5, "priority": 1, "stream": True,
+                    "stream_options": {"include_usage": True}, "seed": 3}, chat=True)
+    assert json.loads(f["messages"]) == [{"role": "user", "content": "hi"}]
+    assert (f["max_tokens"], f["temperature"], f["priority"], f["_stream"], f["_usage_in_stream"]) == (5, 0.5, 1, True, True)
+    assert parse_body({"prompt": ["once"], "max_tokens": 2}, chat=False)["text_input"] == "once"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "priority": 0.5}, "priority"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": "s"}, "seed"),
+])
+def test_bad_fields_are_named(body, param):
+    with pytest.raises(APIError) as exc:
+        parse_body(body, chat=True)
+    assert exc.value.status == 400 and exc.value.param == param
+
+
+def test_server_errors_become_openai_errors():
+    e = from_triton("in ensemble 'ssjf', max_tokens: must be >= 1, got 0")
+    assert (e.status, e.param) == (400, "max_tokens") and e.message.startswith("max_tokens:")
+    assert from_triton("in ensemble 'ssjf', queue full: 9 requests are waiting (max_waiting=8)").status == 503
+    assert from_triton("messages[0].content: not valid Unicode").param == "messages"
+
+
+def test_stop_strings_end_the_text_even_across_pieces():
+    scan = StopScan(["END", "\n\n"])
+    out = [scan.feed(p) for p in ("Hello E", "N", "D and more")]
+    assert "".join(out) == "Hello " and scan.hit
+    scan = StopScan(["END"])
+    assert scan.feed("Hello E") + scan.flush() == "Hello E" and not scan.hit
+    assert StopScan([]).feed("anything") == "anything"
