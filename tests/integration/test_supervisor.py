@@ -66,7 +66,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    srv = Served(Path(tmp_path_factory.mktemp("served")))
+    # the torch runner: supervision does not depend on the runner, and it restarts in seconds where
+    # the vllm runner takes about a minute (64-68 s measured with it: docs/robustness.md)
+    srv = Served(Path(tmp_path_factory.mktemp("served")), SSJF_RUNNER="torch")
     srv.wait_ready()
     yield srv
     srv.stop()
