@@ -249,10 +249,10 @@ def test_a_request_past_its_deadline_ends_with_an_error_through_the_ensemble(ser
         assert client.generate("And now?", max_tokens=4, ignore_eos=True).ok
 
 
-def test_predicted_length_orders_the_llm_queue(server):
-    """Through the real server with batch slots busy, SSJF serves the shorter predicted job first,
-    and a job's own max_tokens caps its key: predicted 900 but allowed 2 tokens, it goes first."""
-    inputs = lambda text, pred, n=20: build_inputs(text, max_tokens=n, ignore_eos=True) + [_pred(pred)]  # noqa: E731
+def queue_order(server, jobs: list[tuple[str, list]]) -> list[str]:
+    """Fill every slot (16) with jobs that end a few steps apart, so slots free one at a time and
+    each queued job is admitted alone, in the policy's order; then queue `jobs` (request id, inputs)
+    on `llm` and return the order in which they finished."""
     order = []
     lock = threading.Lock()
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -262,56 +262,38 @@ def test_predicted_length_orders_the_llm_queue(server):
         if error is None and result.get_response().parameters["triton_final_response"].bool_param:
             with lock:
                 order.append(result.get_response().id)
-                if len(order) == 4 + 16:
+                if len(order) == len(jobs) + 16:
                     done.set()
 
     client.start_stream(callback=callback)
-    # fill every slot (16) with jobs that end a few steps apart, so slots free one at a time
-    # and each queued job is admitted alone, in the policy's order
     for i in range(16):
         client.async_stream_infer("llm", build_inputs("Fill.", max_tokens=30 + 4 * i, ignore_eos=True),
                                   request_id=f"fill{i}", enable_empty_final_response=True)
     time.sleep(0.5)
-    client.async_stream_infer("llm", inputs("long job", 19), request_id="long", enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("mid job", 10), request_id="mid", enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("capped job", 900, n=2), request_id="capped",
-                              enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("short job", 3), request_id="short", enable_empty_final_response=True)
+    for rid, inputs in jobs:
+        client.async_stream_infer("llm", inputs, request_id=rid, enable_empty_final_response=True)
     assert done.wait(180)
     client.stop_stream()
     client.close()
-    queued = [rid for rid in order if not rid.startswith("fill")]
-    assert queued == ["capped", "short", "mid", "long"], order
+    return [rid for rid in order if not rid.startswith("fill")]
+
+
+def test_predicted_length_orders_the_llm_queue(server):
+    """Through the real server with batch slots busy, SSJF serves the shorter predicted job first,
+    and a job's own max_tokens caps its key: predicted 900 but allowed 2 tokens, it goes first."""
+    inputs = lambda text, pred, n=20: build_inputs(text, max_tokens=n, ignore_eos=True) + [_pred(pred)]  # noqa: E731
+    order = queue_order(server, [("long", inputs("long job", 19)), ("mid", inputs("mid job", 10)),
+                                 ("capped", inputs("capped job", 900, n=2)), ("short", inputs("short job", 3))])
+    assert order == ["capped", "short", "mid", "long"], order
 
 
 def test_a_priority_class_goes_before_a_shorter_job_of_a_lower_class(server):
     """With every slot busy: class 0 is served before class 1 whatever the predicted lengths, and the
     length key orders within a class; the ensemble takes the priority input too."""
     inputs = lambda text, pred, prio: build_inputs(text, max_tokens=20, ignore_eos=True, priority=prio) + [_pred(pred)]  # noqa: E731
-    order = []
-    lock = threading.Lock()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    done = threading.Event()
-
-    def callback(result, error):
-        if error is None and result.get_response().parameters["triton_final_response"].bool_param:
-            with lock:
-                order.append(result.get_response().id)
-                if len(order) == 3 + 16:
-                    done.set()
-
-    client.start_stream(callback=callback)
-    for i in range(16):
-        client.async_stream_infer("llm", build_inputs("Fill.", max_tokens=30 + 4 * i, ignore_eos=True),
-                                  request_id=f"fill{i}", enable_empty_final_response=True)
-    time.sleep(0.5)
-    client.async_stream_infer("llm", inputs("short, background", 3, 1), request_id="short1", enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("long, urgent", 19, 0), request_id="long0", enable_empty_final_response=True)
-    client.async_stream_infer("llm", inputs("mid, urgent", 10, 0), request_id="mid0", enable_empty_final_response=True)
-    assert done.wait(180)
-    client.stop_stream()
-    client.close()
-    assert [rid for rid in order if not rid.startswith("fill")] == ["mid0", "long0", "short1"], order
+    order = queue_order(server, [("short1", inputs("short, background", 3, 1)), ("long0", inputs("long, urgent", 19, 0)),
+                                 ("mid0", inputs("mid, urgent", 10, 0))])
+    assert order == ["mid0", "long0", "short1"], order
     with SSJFClient(server.grpc_url) as c:
         r = c.generate("Say hi.", max_tokens=3, priority=2)
     assert r.ok, r.error
