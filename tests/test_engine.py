@@ -589,3 +589,15 @@ def test_ssrpt_does_not_preempt_past_the_bounds(tiny_model, tokenizer):
         engine.step()
     engine.run_until_idle()
     assert long.preemptions == 1 and long.status is RequestStatus.FINISHED
+
+
+def test_queued_work_is_predicted_tokens_waiting_plus_predicted_remainders(tiny_model, tokenizer):
+    engine = Backend("torch", tiny_model, tokenizer).engine(max_batch_size=1)
+    a = Request("a", engine.encode_prompt("hi"), max_tokens=10, sink=ListSink(), ignore_eos=True, predicted_length=30)
+    b = Request("b", engine.encode_prompt("yo"), max_tokens=50, sink=ListSink(), ignore_eos=True, predicted_length=20)
+    c = Request("c", engine.encode_prompt("ok"), max_tokens=200, sink=ListSink(), ignore_eos=True)
+    for r in (a, b, c):
+        engine.add_request(r)
+    engine.step()  # one admitted (one slot), one token generated
+    running = engine.scheduler.running[0]
+    assert engine.queued_work() == 10 + 20 + 200 - len(running.output_ids)  # capped by max_tokens (unknown: 256)

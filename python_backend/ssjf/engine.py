@@ -30,6 +30,7 @@ import time
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
+from .policy import UNKNOWN_LENGTH
 from .request import LLMInputs, Request, RequestStatus
 from .runner import Runner, StepOutput, make_runner
 from .scheduler import Scheduler
@@ -331,12 +332,24 @@ class Engine:
         check_cancel = now >= self._next_cancel_scan
         if check_cancel:
             self._next_cancel_scan = now + cancel_s
+        self.metrics.queued_work(self.queued_work())
         for req in list(self.scheduler.waiting):
             if req.deadline is not None and now > req.deadline:
                 if self.scheduler.remove_waiting(req):
                     self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
             elif check_cancel and req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
+
+    def queued_work(self) -> int:
+        """Predicted tokens still to generate here: the waiting requests' predicted lengths plus the
+        running ones' predicted remainders (what a router balancing by work reads, per replica)."""
+        def left(req: Request) -> int:
+            guess = req.predicted_length or UNKNOWN_LENGTH
+            if req.max_tokens is not None:
+                guess = min(guess, req.max_tokens)
+            return max(guess - len(req.output_ids), 0)
+
+        return sum(map(left, [*self.scheduler.waiting, *self.scheduler.running]))
 
     def _fail_all(self, message: str) -> None:
         """End everything queued or running with an error (the scheduler itself may be broken)."""

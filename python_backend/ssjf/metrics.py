@@ -31,6 +31,8 @@ class Metrics:
 
     def recomputed(self, tokens: int) -> None: ...
 
+    def queued_work(self, tokens: int) -> None: ...
+
     def proxy_fallback(self) -> None: ...
 
     def refit(self, swapped: bool, version: int) -> None: ...
@@ -63,6 +65,8 @@ class TritonMetrics(Metrics):
                               mf.COUNTER),
             "recomputed": mf("ssjf_recomputed_tokens_total", "Prompt and generated tokens prefilled again after a "
                              "preemption", mf.COUNTER),
+            "work": mf("ssjf_queued_work_tokens", "Predicted tokens still to generate: waiting requests' predicted "
+                       "lengths plus running ones' predicted remainders (for routing by work)", mf.GAUGE),
         }
         f = self.families
         self.queue = f["queue"].Metric(labels=labels)
@@ -76,6 +80,7 @@ class TritonMetrics(Metrics):
                                                          for k in ("tau", "mae", "ranked", "version"))
         self.preemptions = f["preemptions"].Metric(labels=labels)
         self.recomputed_tokens = f["recomputed"].Metric(labels=labels)
+        self.work = f["work"].Metric(labels=labels)
         self.window = RankWindow(rank_window)
         self._rank_every, self._since_rank = rank_every, 0
         self._policy = policy
@@ -136,6 +141,9 @@ class TritonMetrics(Metrics):
     def recomputed(self, tokens: int) -> None:
         self._run(self.recomputed_tokens.increment, tokens)
 
+    def queued_work(self, tokens: int) -> None:
+        self._run(self.work.set, tokens)
+
     def close(self) -> None:
         """Free Triton's metric objects now, from finalize(): left to the interpreter's exit they
         are freed after the stub's shared memory is gone, and the stub crashes."""
@@ -143,7 +151,7 @@ class TritonMetrics(Metrics):
 
         self._by_label.clear()
         for name in ("queue", "running", "tokens", "fallbacks", "ttft", "jct", "error", "tau", "mae", "ranked",
-                     "version", "preemptions", "recomputed_tokens"):
+                     "version", "preemptions", "recomputed_tokens", "work"):
             setattr(self, name, None)
         self.families.clear()
         gc.collect()

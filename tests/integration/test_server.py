@@ -326,6 +326,8 @@ def test_metrics_move_with_traffic(server):
     assert after['ssjf_length_error_tokens_count{policy="ssjf"}'] >= 1
     rejected = [k for k in after if k.startswith("ssjf_rejections_total") and 'field="text_input"' in k]
     assert rejected and after[rejected[0]] >= 1
+    for name in ("ssjf_queued_work_tokens", "ssjf_preemptions_total", "ssjf_recomputed_tokens_total"):
+        assert f'{name}{{policy="ssjf"}}' in after, name  # exported from the start, for dashboards and routers
     assert any(k.startswith("ssjf_queue_depth") for k in after)
     assert any(k.startswith("ssjf_running_batch") for k in after)
 
