@@ -416,3 +416,20 @@ def test_a_poisoned_request_batched_with_normal_ones_fails_alone(server):
     assert "messages[0].content: not valid Unicode" in results["surrogate"] or "messages: not valid UTF-8" in results["surrogate"]
     assert "messages: not valid JSON" in results["junk"]
     assert is_ready(server.http_url)
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
+    """deploy/grafana/ssjf.json: each series its queries name exists on a running server's /metrics
+    (after some traffic, so the labelled counters have been created)."""
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "ssjf.json").read_text())
+    with SSJFClient(server.grpc_url) as client:
+        assert client.generate("Dashboard traffic.", max_tokens=4, ignore_eos=True).ok
+        assert not client.generate("", max_tokens=4).ok
+    time.sleep(1.5)  # metric updates follow the final send; the queued-work gauge is set once a second
+    names = {re.sub(r"\{.*", "", k) for k in _metrics(server)}
+    queried = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"ssjf_[a-z_]+", t["expr"])}
+    assert queried and len(dashboard["panels"]) >= 10
+    missing = {m for m in queried if m not in names}
+    assert not missing, missing
