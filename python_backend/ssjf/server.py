@@ -229,6 +229,24 @@ def die_with_parent() -> None:
         pass
 
 
+def exit_with_parent(every_s: float = 1.0) -> threading.Thread:
+    """In a model's stub: exit when tritonserver, its parent, is gone (killed with its supervisor),
+    rather than live on as an orphan holding memory and a core. Triton's own check misses it when
+    the stub is busy (seen with the vllm runner)."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                print(f"ssjf: tritonserver (pid {parent}) is gone; this stub exits", flush=True)
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="ssjf-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def is_running(pid: int) -> bool:
     """pid exists and is not a zombie."""
     try:

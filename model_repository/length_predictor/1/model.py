@@ -8,6 +8,7 @@ from ssjf.config import EngineConfig, ProxyConfig, default_of, refresh_path
 from ssjf.cpus import bind_process, service_cpus
 from ssjf.learner import CorrectionFile
 from ssjf.proxy import LengthPredictor
+from ssjf.server import exit_with_parent
 from ssjf.serving import model_parameters, parse_messages, prompt_of
 
 MAX_PROMPT_CHARS = default_of(EngineConfig, "max_prompt_bytes")  # the encoder reads 128 tokens of it anyway
@@ -44,6 +45,7 @@ class TritonPythonModel:
             torch.set_num_threads(len(cpus))
         elif config.num_threads != "auto" and int(config.num_threads) > 0:
             torch.set_num_threads(int(config.num_threads))
+        exit_with_parent()
         self.failed_once = False
         self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow

@@ -14,7 +14,7 @@ from ssjf.engine import Engine, RequestError
 from ssjf.learner import Refresher
 from ssjf.metrics import TritonMetrics
 from ssjf.responder import Responder
-from ssjf.server import DrainSignal
+from ssjf.server import DrainSignal, exit_with_parent
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
 
 
@@ -66,6 +66,7 @@ class TritonPythonModel:
                                        on_refit=self.metrics.refit).start()
             self.engine.finished_hooks.append(self._learn)
         self.engine.start()
+        exit_with_parent()
         self.unloading = threading.Event()
         if self.config.drain_file:  # ssjf serve's graceful shutdown (ssjf.server.Supervisor)
             DrainSignal(self.config.drain_file).watch(self._drain, self.unloading)
