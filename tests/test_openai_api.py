@@ -21,6 +21,7 @@ def test_chat_maps_to_messages_and_the_token_limits():
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),  # True == 1, still refused
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "priority": 0.5}, "priority"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": "s"}, "seed"),

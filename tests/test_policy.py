@@ -313,3 +313,18 @@ def test_priority_classes_come_first_and_the_guard_works_within_a_class():
         order = [q.pop().request_id for _ in range(3)]
         assert order[-1] == "low", order  # however short it is, class 1 waits for class 0
         assert set(order[:2]) == {"high_long", "high_short"}
+
+
+def test_the_queue_keeps_no_state_for_requests_that_left():
+    from ssjf.policy import SSRPTQueue
+
+    q = SSRPTQueue(max_passes=4)
+    reqs = [Request(str(i), [1], max_tokens=10, predicted_length=5 + i) for i in range(50)]
+    for r in reqs:
+        q.add(r)
+    for _ in range(25):
+        q.pop()
+    for r in reqs[40:]:
+        q.remove(r)
+    live = {r.seq for r in q}
+    assert set(q._entry) == live and set(q._passes) <= live

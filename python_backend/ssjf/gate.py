@@ -38,10 +38,8 @@ def refusal_by_headers(headers) -> tuple[int, str] | None:
 
 def refusal(method: str, path: str, headers, body: bytes, *, max_body_bytes: int, max_json_depth: int,
             admin_key: str) -> tuple[int, str] | None:
-    """Why a request must not reach Triton, as (HTTP status, message), or None to let it through."""
-    refused = refusal_by_headers(headers)
-    if refused is not None:
-        return refused
+    """Why a request whose headers passed refusal_by_headers must not reach Triton, as (HTTP status,
+    message), or None to let it through."""
     if len(body) > max_body_bytes:
         return 413, f"request body of {len(body)} bytes is over the limit of {max_body_bytes}"
     call = _MODEL_CALL.match(path)

@@ -149,9 +149,8 @@ class TritonMetrics(Metrics):
         are freed after the stub's shared memory is gone, and the stub crashes."""
         import gc
 
+        metric = type(self.queue)  # Triton's Metric class: every attribute of it goes
+        self.__dict__.update({name: None for name, value in vars(self).items() if isinstance(value, metric)})
         self._by_label.clear()
-        for name in ("queue", "running", "tokens", "fallbacks", "ttft", "jct", "error", "tau", "mae", "ranked",
-                     "version", "preemptions", "recomputed_tokens", "work"):
-            setattr(self, name, None)
         self.families.clear()
         gc.collect()

@@ -48,7 +48,8 @@ def parse_body(body: dict, chat: bool) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     for name in UNSUPPORTED:
-        if body.get(name) not in (None, 1, False) and not (name == "n" and body.get(name) == 1):
+        value = body.get(name)
+        if not (value is None or value is False or (name == "n" and value == 1 and value is not True)):
             raise APIError(400, f"{name}: not supported by this server", param=name)
     out: dict = {}
     if chat:

@@ -60,6 +60,9 @@ class RequestQueue:
     def new_round(self) -> None:
         """The scheduler is about to admit a new request-level batch (dynamic batching)."""
 
+    def observe(self, req: Request) -> None:
+        """A request ended with its true length: a policy that learns from it does so here."""
+
 
 class FCFSQueue(RequestQueue):
     """First come, first served (within a priority class; the lower class first)."""
@@ -192,6 +195,7 @@ class PriorityQueue(RequestQueue):
         self._round.clear()
 
     def _forget(self, req: Request) -> None:
+        self._entry.pop(req.seq, None)  # its heap entries are stale now (seq not live); a re-add gets a new one
         self._passed_over.discard(req.seq)
         self._passes.pop(req.seq, None)
         self._held_up.pop(req.seq, None)

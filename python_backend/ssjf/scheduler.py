@@ -31,19 +31,17 @@ class Preemption:
     max_times: int
 
     def victim(self, candidate: Request, running: list[Request], key) -> Request | None:
-        def eligible(r: Request) -> bool:
-            if r.is_done or r.preemptions >= self.max_times or r.priority < candidate.priority:
-                return False
-            age = len(r.output_ids)
-            return age <= self.max_fraction * (age + key(r))
-
-        victims = [r for r in running if eligible(r)]
+        left = {r.seq: key(r) for r in running if not r.is_done}  # each key once: they are log-normal tails
+        want = key(candidate)
+        if not left or min(left.values()) <= want:
+            return None  # a place frees before the candidate could have finished: waiting costs it little
+        victims = [r for r in running if r.seq in left and r.preemptions < self.max_times
+                   and r.priority >= candidate.priority
+                   and len(r.output_ids) <= self.max_fraction * (len(r.output_ids) + left[r.seq])]
         if not victims:
             return None
-        if min(key(r) for r in running if not r.is_done) <= key(candidate):
-            return None  # a place frees before the candidate could have finished: waiting costs it little
-        worst = max(victims, key=lambda r: (r.priority, key(r)))
-        if worst.priority > candidate.priority or key(candidate) * self.margin < key(worst):
+        worst = max(victims, key=lambda r: (r.priority, left[r.seq]))
+        if worst.priority > candidate.priority or want * self.margin < left[worst.seq]:
             return worst
         return None
 
@@ -112,9 +110,8 @@ class Scheduler:
 
     def observe(self, req: Request) -> None:
         """A request ended: the policy learns from its true length (ssrpt's spread)."""
-        learn = getattr(self.waiting, "observe", None)
-        if learn is not None and req.finish_reason in ("stop", "length"):
-            learn(req)
+        if req.finish_reason in ("stop", "length"):
+            self.waiting.observe(req)
 
     def retire(self, req: Request) -> None:
         """Take a request out of the running batch."""
