@@ -45,6 +45,27 @@ def test_lmsys_pairs_user_and_assistant_turns(tmp_path):
                                                                ("And 3+3?", "6", "vicuna-13b")]
 
 
+def test_alpaca_joins_instruction_and_input(tmp_path):
+    recs = [{"instruction": "Sort these.", "input": "3, 1, 2", "output": "1, 2, 3"},
+            {"instruction": "Write a haiku.", "input": "", "response": "five seven five"}]  # GPTeacher says response
+    rows = list(load_rows(write(tmp_path / "alpaca.json", recs, array=True)))
+    assert [(r.prompt, r.response) for r in rows] == [("Sort these.\n\n3, 1, 2", "1, 2, 3"),
+                                                      ("Write a haiku.", "five seven five")]
+
+
+def test_anthropic_hh_transcripts_gzipped(tmp_path):
+    import gzip
+
+    rec = {"chosen": "\n\nHuman: hi there\n\nAssistant: Hello!\n\nHuman: tell me a joke\n\nAssistant: Why did...",
+           "rejected": "\n\nHuman: hi there\n\nAssistant: Hello!\n\nHuman: tell me a joke\n\nAssistant: No."}
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    rows = list(load_rows(path))
+    assert [(r.prompt, r.response, r.id) for r in rows] == [("hi there", "Hello!", "1#0"),
+                                                            ("tell me a joke", "Why did...", "1#1")]
+
+
 def test_unknown_record_and_bad_json_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no 'prompt'"):
         list(load_rows(write(tmp_path / "bad.jsonl", [{"text": "x"}])))

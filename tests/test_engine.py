@@ -589,6 +589,8 @@ def test_ssrpt_does_not_preempt_past_the_bounds(tiny_model, tokenizer):
         engine.step()
     engine.run_until_idle()
     assert long.preemptions == 1 and long.status is RequestStatus.FINISHED
+    (done, expected), = long.preempted_at  # the estimate the preemption acted on, kept for the error metric
+    assert 1 <= done < 30 and expected == 30 - done  # predicted 100 long: the estimate is capped by max_tokens
 
 
 def test_queued_work_is_predicted_tokens_waiting_plus_predicted_remainders(tiny_model, tokenizer):

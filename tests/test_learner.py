@@ -49,18 +49,28 @@ def test_a_head_trained_elsewhere_learns_the_traffic_it_serves():
     assert before < 0.2 and after > 0.7
 
 
-def test_a_refit_that_ranks_worse_is_not_swapped_in():
-    head = OnlineHead(LinearHead([0.0, 1.0, 0.0]), window=500, min_rows=32)
-    x, y = rows(400, 1, [0.0, 1.0, 0.0])  # the shipped head is already right
+def test_a_correction_that_does_not_beat_the_shipped_head_is_not_used():
+    head = OnlineHead(LinearHead([1.0, 0.0, 0.0]), window=400, min_rows=32)
+    x, y = rows(400, 1, [0.1, 1.0, 0.0])  # the shipped head ranks by the wrong feature: a correction helps
     for xi, yi in zip(x, y):
         head.observe(xi, int(yi))
-    head.refit()
-    served = head.predict_log(x)
+    assert head.refit() is True and head.fit is not None
+    shipped = head.base.predict_log(x)
+    assert not np.allclose(head.predict_log(x), shipped)
     rng = np.random.default_rng(2)
     for xi in x:  # then the window fills with noise: lengths unrelated to the prompts
         head.observe(xi, int(rng.integers(1, 2000)))
-    assert head.refit() is False and head.rejected >= 1
-    assert np.allclose(head.predict_log(x), served)  # the head in use is untouched
+    assert head.refit() is True and head.rejected >= 1  # the head in use changed: back to the shipped one
+    assert np.allclose(head.predict_log(x), shipped)
+    assert head.refit() is False  # and stays so
+
+
+def test_a_correction_that_only_ties_is_not_taken():
+    head = OnlineHead(LinearHead([0.0, 1.0, 0.0]), window=500, min_rows=32)
+    x, y = rows(400, 5, [0.0, 1.0, 0.0])  # the shipped head is already right: nothing to gain
+    for xi, yi in zip(x, y):
+        head.observe(xi, int(yi))
+    assert head.refit() is False and head.fit is None and head.rejected == 1
 
 
 def test_memory_is_bounded_and_predicting_never_waits_for_a_refit():

@@ -65,6 +65,8 @@ class TritonMetrics(Metrics):
                               mf.COUNTER),
             "recomputed": mf("ssjf_recomputed_tokens_total", "Prompt and generated tokens prefilled again after a "
                              "preemption", mf.COUNTER),
+            "remaining": mf("ssjf_remaining_error_tokens", "At each preemption, the preempted request's expected "
+                            "remaining length minus the remainder it then generated (ssrpt)", mf.HISTOGRAM),
             "work": mf("ssjf_queued_work_tokens", "Predicted tokens still to generate: waiting requests' predicted "
                        "lengths plus running ones' predicted remainders (for routing by work)", mf.GAUGE),
         }
@@ -76,6 +78,7 @@ class TritonMetrics(Metrics):
         self.ttft = f["ttft"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.jct = f["jct"].Metric(labels=labels, buckets=TIME_BUCKETS)
         self.error = f["error"].Metric(labels=labels, buckets=ERROR_BUCKETS)
+        self.remaining = f["remaining"].Metric(labels=labels, buckets=ERROR_BUCKETS)
         self.tau, self.mae, self.ranked, self.version = (f[k].Metric(labels=labels)
                                                          for k in ("tau", "mae", "ranked", "version"))
         self.preemptions = f["preemptions"].Metric(labels=labels)
@@ -113,6 +116,9 @@ class TritonMetrics(Metrics):
         if req.predicted_length is not None and req.finish_reason in ("stop", "length"):
             self._run(self.error.observe, req.predicted_length - len(req.output_ids))
             self._run(self._rank, req.predicted_length, len(req.output_ids))
+        if req.finish_reason in ("stop", "length"):
+            for done, expected in req.preempted_at:
+                self._run(self.remaining.observe, expected - (len(req.output_ids) - done))
 
     def _rank(self, predicted: int, true: int) -> None:
         """On the responder's thread: the window and, every rank_every requests, its tau and MAE."""

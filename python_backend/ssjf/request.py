@@ -85,6 +85,9 @@ class Request:
     features: Any = field(default=None, repr=False)  # the proxy's features, when the ensemble sent them
     priority: int = 0  # the client's class: lower is served first; the length key orders within a class
     preemptions: int = 0  # times it gave its batch place back (ssrpt); its tokens and stream stay
+    # (tokens generated, expected remaining) when it was preempted: the estimates a preemption acted on,
+    # scored against the true remainder when it ends (ssjf_remaining_error_tokens)
+    preempted_at: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:

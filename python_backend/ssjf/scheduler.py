@@ -105,6 +105,7 @@ class Scheduler:
             return []
         self.running.remove(victim)
         victim.preemptions += 1
+        victim.preempted_at.append((len(victim.output_ids), float(self.waiting.sort_key(victim))))
         self.add(victim)
         return [victim]
 

@@ -328,6 +328,7 @@ def test_metrics_move_with_traffic(server):
     assert rejected and after[rejected[0]] >= 1
     for name in ("ssjf_queued_work_tokens", "ssjf_preemptions_total", "ssjf_recomputed_tokens_total"):
         assert f'{name}{{policy="ssjf"}}' in after, name  # exported from the start, for dashboards and routers
+    assert 'ssjf_remaining_error_tokens_count{policy="ssjf"}' in after
     assert any(k.startswith("ssjf_queue_depth") for k in after)
     assert any(k.startswith("ssjf_running_batch") for k in after)
 

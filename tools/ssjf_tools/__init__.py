@@ -13,6 +13,7 @@ COMMANDS = {
     "soak": ("ssjf_tools.soak:main", "Locust for minutes at a multiple of measured capacity; memory and hangs"),
     "profile": ("ssjf_tools.profile:main", "record the served LLM's own output lengths over a prompt set (resumable)"),
     "train-proxy": ("ssjf_tools.train_proxy:main", "train a length-predictor artifact from prompt/response rows"),
+    "loso": ("ssjf_tools.loso:main", "leave-one-source-out Kendall tau of the proxy's objectives and targets"),
     "eval-proxy": ("ssjf_tools.eval_proxy:main", "Kendall tau, Spearman, MAE, bucket accuracy and latency of an artifact"),
     "gpu-check": ("ssjf_tools.gpu_check:main", "the first run on a GPU: engine vs transformers on CUDA, speed, the proxy"),
 }

@@ -7,6 +7,12 @@ Formats (chosen by content, so users point `--data` at their own files):
               every human turn followed by a gpt turn becomes a row;
   - LMSYS-Chat: records with `conversation: [{role, content}, ...]` and optional `model`;
               every user turn followed by an assistant turn becomes a row;
+  - Alpaca:   records with `instruction`, optional `input`, and `output` (or `response`): Stanford
+              Alpaca, Code Alpaca, GPTeacher, Alpaca-GPT4 and most instruction sets; the prompt is
+              the instruction, then a blank line and the input when there is one;
+  - Anthropic HH: records with a `chosen` transcript ("\n\nHuman: ...\n\nAssistant: ..."), as in
+              anthropics/hh-rlhf; every Human turn followed by an Assistant turn becomes a row
+              (the `rejected` transcript is a second sample of the same model; it is not read);
   - `hf:NAME[:SPLIT]`: a Hugging Face dataset by name (needs `datasets` and network), whose
               records are in any of the formats above.
 """
@@ -16,7 +22,9 @@ from __future__ import annotations
 import csv
 import datetime
 import functools
+import gzip
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,8 +40,8 @@ class Row:
 
 
 def _records(path: str | Path) -> Iterator[dict]:
-    """JSON objects from a JSON-lines file or a file holding one JSON array."""
-    with open(path, encoding="utf-8") as f:
+    """JSON objects from a JSON-lines file or a file holding one JSON array (gzip too: `.gz`)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         head = f.read(1)
         while head and head.isspace():
             head = f.read(1)
@@ -63,7 +71,19 @@ def rows_from_record(obj: dict, n: int) -> list[Row]:
     if "conversation" in obj:  # LMSYS-Chat
         turns = [(t.get("role", ""), t.get("content", "")) for t in obj["conversation"]]
         return _pairs(turns, {"user"}, {"assistant"}, obj.get("model", ""), rid)
-    raise ValueError(f"record {n}: no 'prompt', 'conversations' (ShareGPT) or 'conversation' (LMSYS-Chat)")
+    if "instruction" in obj:  # Alpaca
+        prompt = "\n\n".join(part for part in (obj["instruction"].strip(), (obj.get("input") or "").strip()) if part)
+        return [Row(prompt=prompt, response=obj.get("output", obj.get("response")), model=obj.get("model", ""), id=rid)]
+    if "chosen" in obj:  # Anthropic HH
+        return _pairs(hh_turns(obj["chosen"]), {"human"}, {"assistant"}, obj.get("model", ""), rid)
+    raise ValueError(f"record {n}: no 'prompt', 'conversations' (ShareGPT), 'conversation' (LMSYS-Chat), "
+                     "'instruction' (Alpaca) or 'chosen' (Anthropic HH)")
+
+
+def hh_turns(transcript: str) -> list[tuple[str, str]]:
+    """(speaker, text) turns of an Anthropic HH transcript."""
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + transcript.lstrip("\n"))
+    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
 def _pairs(turns: list[tuple[str, str]], user: set[str], bot: set[str], model: str, rid: str) -> list[Row]:
