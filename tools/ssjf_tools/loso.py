@@ -26,7 +26,7 @@ from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
 from .split import in_test_split, prompt_digest, split_key, split_meta
-from .train_proxy import OBJECTIVES, fit_head, pooled_targets
+from .train_proxy import OBJECTIVES, fit_head, pooled_targets, standardise
 from ssjf.proxy import Encoder, Head, features
 
 TARGETS = ("log", "source-z")
@@ -59,16 +59,6 @@ def load_source(name: str, spec: str, tokenizer: str, seed: int, group_base: int
     seen: set[str] = set()
     first = np.array([not (r.prompt in seen or seen.add(r.prompt)) for r in rows])
     return Source(name, [r.prompt for r in rows], y, group, test, val, first)
-
-
-def standardise(y: np.ndarray, group: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """y standardised within each group, with each group's mean and spread taken from `rows`."""
-    out = y.copy()
-    for g in np.unique(group):
-        fit = rows & (group == g)
-        if fit.sum() > 1:
-            out[group == g] = (y[group == g] - y[fit].mean()) / (y[fit].std() + 1e-6)
-    return out
 
 
 def _tau(pred: np.ndarray, y: np.ndarray) -> float:

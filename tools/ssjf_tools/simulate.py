@@ -194,6 +194,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--noise-sigma", type=float,
                     help="replace the artifact's predictions by true length x exp(N(0, sigma^2)): the gain a "
                          "predictor of that quality would give (the report records its Kendall tau)")
+    ap.add_argument("--constant-prediction", type=int,
+                    help="every prediction is this many tokens: a useless proxy (the policies must then do no worse "
+                         "than FCFS)")
     ap.add_argument("--kv-parking", action="store_true",
                     help="a preempted request keeps its KV cache (no recompute when it comes back); default: "
                          "it is prefilled again with its prompt and generated tokens, as the runners do")
@@ -214,7 +217,9 @@ def main(argv=None) -> dict:
     cap = args.natural_max_tokens or EngineConfig().default_max_tokens  # natural: stops at its length or the cap
     lengths = [min(n, cap) if args.natural else mt for _, mt, n in spec]
     prompt_tokens = [n + TEMPLATE_TOKENS for n in count_tokens(prompts)]
-    if args.noise_sigma is None:
+    if args.constant_prediction:
+        predictions = [args.constant_prediction] * len(lengths)
+    elif args.noise_sigma is None:
         predictions = [int(x) for x in LengthPredictor(args.artifact).predict(prompts, cached=True)]
     else:
         noise = np.random.default_rng(args.seed).normal(0.0, args.noise_sigma, len(lengths))

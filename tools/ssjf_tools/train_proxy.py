@@ -76,6 +76,28 @@ def pooled_targets(prompts: list[str], y: np.ndarray, rows: np.ndarray) -> np.nd
     return np.array([np.mean(sums[p]) if keep else v for p, v, keep in zip(prompts, y, rows)])
 
 
+def standardise(y: np.ndarray, group: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """y standardised within each group (a source and its answering model), with each group's mean
+    and spread taken from `rows`: what is long *for that model*, whatever its verbosity."""
+    out = y.copy()
+    for g in np.unique(group):
+        fit = rows & (group == g)
+        if fit.sum() > 1:
+            out[group == g] = (y[group == g] - y[fit].mean()) / (y[fit].std() + 1e-6)
+    return out
+
+
+def to_log_lengths(arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> None:
+    """A head trained on standardised targets: map its output to log lengths, linearly, by least
+    squares over training rows (a classification head's bucket centres, else its calibration)."""
+    a, b = np.polyfit(Head(arrays).predict_log(x), y, 1)
+    if "centers" in arrays:  # the expectation over buckets is linear in the centres
+        arrays["centers"] = (a * arrays["centers"] + b).astype(np.float32)
+    else:
+        c = arrays.get("calib", np.array([1.0, 0.0]))
+        arrays["calib"] = np.array([a * c[0], a * c[1] + b], dtype=np.float32)
+
+
 def fit_head(objective: str, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              hidden: int = 256, epochs: int = 60, lr: float = 1e-3, weight_decay: float = 1e-4,
              seed: int = 0) -> tuple[dict[str, np.ndarray], float]:
@@ -232,6 +254,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--pool-models", action="store_true",
                     help="train on each prompt's mean log length over every answer it has (several models' answers "
                          "in AlpacaEval): the prompt's expected length, less noisy than one sample; tests stay per row")
+    ap.add_argument("--target", choices=("log", "source-z"), default="log",
+                    help="log: log length; source-z: log length standardised within each --data source and answering "
+                         "model (what is long for that model; mapped back to log lengths after training). Transfers "
+                         "better across sources whose models differ in verbosity (see docs/proxy.md)")
     ap.add_argument("--target-model", default="", help="the model whose lengths serving predicts (conditioning)")
     ap.add_argument("--eval-models", default="", help="comma list: test metrics only on rows from these models")
     ap.add_argument("--test-fraction", type=float, default=0.2)
@@ -245,11 +271,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--finetune-encoder-lr", type=float, help="the adapters' learning rate (default: --finetune-lr)")
     ap.add_argument("--report", help="write the comparison of objectives (JSON) here")
     args = ap.parse_args(argv)
+    if args.finetune_rank and args.target != "log":
+        ap.error("--finetune-rank trains on log lengths only (--target log)")
 
-    rows = []
-    for spec in args.data:
+    rows, groups = [], []
+    for n, spec in enumerate(args.data):
         path, models = parse_data_spec(spec)
         rows.extend(r for r in load_rows(path, models) if r.response is not None or r.length is not None)
+        groups.extend(f"{n}:{r.model}" for r in rows[len(groups):])
     lengths = np.asarray(response_lengths(rows, args.tokenizer), dtype=np.float64)
     y = np.log1p(lengths)
     prompts = [r.prompt for r in rows]
@@ -273,12 +302,17 @@ def main(argv=None) -> dict:
     if args.eval_models:
         eval_rows &= np.isin([r.model for r in rows], args.eval_models.split(","))
     edges = np.quantile(lengths[train], [0.2, 0.4, 0.6, 0.8]).tolist()
-    y_fit = pooled_targets(prompts, y, train) if args.pool_models else y
+    y_fit = y
+    if args.target == "source-z":
+        y_fit = standardise(y, np.unique(groups, return_inverse=True)[1], train)
+    y_fit = pooled_targets(prompts, y_fit, train) if args.pool_models else y_fit
     results, heads = {}, {}
     for objective in OBJECTIVES if args.objective == "auto" else (args.objective,):
         t0 = time.time()
-        arrays, val_tau = fit_head(objective, x[train], y_fit[train], x[val], y[val], args.hidden, args.epochs,
+        arrays, val_tau = fit_head(objective, x[train], y_fit[train], x[val], y_fit[val], args.hidden, args.epochs,
                                    seed=args.seed)
+        if args.target != "log":
+            to_log_lengths(arrays, x[train], y[train])
         pred = np.expm1(Head(arrays).predict_log(x[eval_rows]))
         results[objective] = {"val_kendall_tau": val_tau, **proxy_metrics(pred, lengths[eval_rows], edges),
                               "train_s": round(time.time() - t0, 1)}
@@ -294,7 +328,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         print(f"fine-tuning the encoder ({chosen}, rank {args.finetune_rank})", flush=True)
         trainable = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, "float32", args.pooling)
-        tuned, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y, train, val, model_ids,
+        tuned, val_tau = finetune(chosen, heads[chosen], trainable, prompts, y_fit, train, val, model_ids,
                                   len(model_names), args.finetune_rank, results[chosen]["val_kendall_tau"],
                                   args.finetune_epochs, args.finetune_lr, args.finetune_encoder_lr, seed=args.seed,
                                   log=lambda m: print(m, flush=True))
@@ -317,7 +351,7 @@ def main(argv=None) -> dict:
         "objective": chosen,
         "encoder": {"name": args.encoder, "layers": args.encoder_layers, "max_length": args.max_length,
                     "dtype": args.encoder_dtype, "pooling": args.pooling},
-        "tokenizer": args.tokenizer, "models": model_names, "target_model": args.target_model,
+        "tokenizer": args.tokenizer, "target": args.target, "models": model_names, "target_model": args.target_model,
         "data": args.data, "n_rows": len(rows), "test_fraction": args.test_fraction, "split_seed": args.seed,
         "split": split,
         "finetune": {"rank": args.finetune_rank, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
