@@ -101,8 +101,22 @@ def test_train_save_load_predict(synthetic, tmp_path, objective):
     assert terse < verbose  # conditioning on the answering model
 
 
+@pytest.mark.parametrize("objective", ["classification", "ranking"])
+def test_source_z_target_learns_within_each_source_and_predicts_lengths(synthetic, tmp_path, objective):
+    # the same prompts answered by a terse and a verbose model, given as two sources
+    out = tmp_path / "z.npz"
+    results = train(["--data", f"{synthetic}@terse", "--data", f"{synthetic}@verbose", "--name", str(out),
+                     "--objective", objective, "--target", "source-z", "--encoder-layers", "1",
+                     "--test-fraction", "0.3", "--epochs", "80"])
+    assert results[objective]["kendall_tau"] > 0.5, results
+    p = LengthPredictor(str(out))
+    assert p.meta["target"] == "source-z"
+    short, long = p.predict(["Answer yes or no: is jazz blue?", "Write a detailed essay about the history of jazz."])
+    assert 1 <= short < 20 and 60 < long < 800  # mapped back to token counts, between the two models' scales
+
+
 def test_shipped_artifacts_load_and_carry_metadata():
-    for name in ("recorded", "smollm2", "recorded-l16", "smollm2-l16"):
+    for name in ("recorded", "smollm2", "recorded-l16", "smollm2-l16", "general"):
         p = LengthPredictor(name)
         for key in ("objective", "encoder", "tokenizer", "target_model", "bucket_edges", "test_metrics", "data"):
             assert key in p.meta, (name, key)
