@@ -302,6 +302,29 @@ def test_ssrpt_keys_a_running_job_by_what_it_still_needs():
     assert q.sort_key(a) > q.sort_key(b)
 
 
+def test_ssrpt_preempts_only_while_its_predictions_rank():
+    from ssjf.policy import OracleSRPTQueue, SSRPTQueue
+
+    def finished(q, predicted, true):
+        r = Request("f", [1], max_tokens=1000, predicted_length=predicted)
+        r.output_ids = [0] * true
+        q.observe(r)
+
+    rng = np.random.default_rng(0)
+    constant = SSRPTQueue(min_tau=0.1)
+    assert constant.trusts_estimates()  # before any evidence, the artifact is trusted
+    for _ in range(SSRPTQueue.MIN_RANKED):
+        finished(constant, 256, int(rng.integers(10, 500)))  # a constant guess ranks nothing
+    assert not constant.trusts_estimates()
+    useful = SSRPTQueue(min_tau=0.1)
+    for _ in range(50):
+        n = int(rng.integers(10, 500))
+        finished(useful, max(1, round(n * math.exp(0.3 * rng.standard_normal()))), n)
+    assert useful.trusts_estimates()
+    assert SSRPTQueue(min_tau=0.0).trusts_estimates() and OracleSRPTQueue(min_tau=0.1).trusts_estimates()
+    assert make_queue(EngineConfig(policy="ssrpt")).min_tau == EngineConfig().preempt_min_tau > 0
+
+
 def test_priority_classes_come_first_and_the_guard_works_within_a_class():
     clock = Clock()
     for q in (FCFSQueue(), SSJFQueue(max_passes=1, clock=clock)):

@@ -94,6 +94,8 @@ class EngineConfig:
                                          "many times fewer tokens than it still needs; 0 disables preemption")
     preempt_max_fraction: float = setting(0.5, "ssrpt: a job past this fraction of its expected length is not preempted")
     max_preemptions: int = setting(1, "ssrpt: times one job may be preempted (each counts as a pass for the guard)")
+    preempt_min_tau: float = setting(0.1, "ssrpt: preempt only while the predictions rank the last finished requests "
+                                          "at least this well (Kendall tau over up to 200, once 20 finished); 0: always")
     length_sigma: float = setting(0.8, "ssrpt: the starting spread of log(true / predicted) length; learned as it serves")
     cap_by_max_tokens: bool = setting(True, "SSJF key = min(predicted length, max_tokens); off: the prediction alone")
     request_timeout_s: float = setting(600.0, "deadline from arrival unless the client sets a shorter one; 0 disables")

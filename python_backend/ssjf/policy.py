@@ -26,6 +26,7 @@ import math
 import time
 from typing import Callable, Iterator
 
+from .learner import RankWindow
 from .request import Request
 
 # Key for a request whose length is unknown (no prediction): a typical chat answer.
@@ -62,6 +63,10 @@ class RequestQueue:
 
     def observe(self, req: Request) -> None:
         """A request ended with its true length: a policy that learns from it does so here."""
+
+    def trusts_estimates(self) -> bool:
+        """Whether its length estimates rank well enough to preempt on."""
+        return True
 
 
 class FCFSQueue(RequestQueue):
@@ -285,9 +290,14 @@ class SSRPTQueue(SSJFQueue):
     given the tokens a job has generated (LengthSpread), so the scheduler can take a running job's
     place back for a waiting one that is expected to finish much sooner (Scheduler's preemption)."""
 
-    def __init__(self, *, spread: LengthSpread | None = None, **kw):
+    MIN_RANKED = 20  # finished requests before their tau is taken to judge the predictions
+
+    def __init__(self, *, spread: LengthSpread | None = None, min_tau: float = 0.0, **kw):
         super().__init__(**kw)
         self.spread = spread or LengthSpread()
+        self.min_tau = min_tau
+        self.ranks = RankWindow(200)
+        self._tau = 0.0
 
     def sort_key(self, req: Request) -> float:
         # like SSJF's cap: in trace replay max_tokens *is* the true length, so it is read only where allowed
@@ -297,6 +307,14 @@ class SSRPTQueue(SSJFQueue):
     def observe(self, req: Request) -> None:
         if req.predicted_length is not None:
             self.spread.observe(self.predicted(req), len(req.output_ids))
+            self.ranks.add(req.predicted_length, len(req.output_ids))
+            self._tau = self.ranks.kendall_tau()
+
+    def trusts_estimates(self) -> bool:
+        """A useless proxy (a constant, or one that ranks this traffic no better than chance) would
+        preempt on noise: with the guard's passes as the only gain, it costs the tail. Preemption
+        waits for the predictions to rank finished requests at least min_tau."""
+        return self.min_tau <= 0 or len(self.ranks) < self.MIN_RANKED or self._tau >= self.min_tau
 
 
 class OracleSRPTQueue(SSRPTQueue):
@@ -306,6 +324,9 @@ class OracleSRPTQueue(SSRPTQueue):
         if req.true_length is not None:
             return req.true_length - len(req.output_ids)
         return super().sort_key(req)
+
+    def trusts_estimates(self) -> bool:
+        return True
 
 
 class OracleSJFQueue(SSJFQueue):
@@ -325,7 +346,8 @@ def make_queue(config, clock: Callable[[], float] = time.monotonic) -> RequestQu
     if config.policy in classes:
         dynamic = config.batching == "dynamic"
         cls = classes[config.policy]
-        extra = {"spread": LengthSpread(config.length_sigma)} if issubclass(cls, SSRPTQueue) else {}
+        extra = ({"spread": LengthSpread(config.length_sigma), "min_tau": config.preempt_min_tau}
+                 if issubclass(cls, SSRPTQueue) else {})
         return cls(starvation_s=config.starvation_s, clock=clock, max_passes=config.max_passes,
                    max_bypass_ratio=config.max_bypass_ratio, cap_by_max_tokens=config.cap_by_max_tokens,
                    slots=1 if dynamic else config.max_batch_size, batch_rounds=dynamic, **extra)

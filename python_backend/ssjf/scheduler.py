@@ -97,7 +97,8 @@ class Scheduler:
 
     def _preempt(self) -> list[Request]:
         """At most one running job gives its place back per step (so recompute stays bounded)."""
-        if self.preemption is None or len(self.running) < self.admission.max_running or not self.waiting:
+        if (self.preemption is None or len(self.running) < self.admission.max_running or not self.waiting
+                or not self.waiting.trusts_estimates()):
             return []
         candidate = self.waiting.peek()
         victim = self.preemption.victim(candidate, self.running, self.waiting.sort_key)
