@@ -302,6 +302,21 @@ def test_ssrpt_keys_a_running_job_by_what_it_still_needs():
     assert q.sort_key(a) > q.sort_key(b)
 
 
+def test_ssrpt_keeps_arrival_order_among_equal_predictions_as_its_spread_learns():
+    from ssjf.policy import SSRPTQueue
+
+    q = SSRPTQueue()
+    reqs = []
+    for i in range(6):
+        r = Request(str(i), [1], max_tokens=1000, predicted_length=256)
+        q.add(r)
+        reqs.append(r)
+        done = Request("f", [1], max_tokens=1000, predicted_length=256)
+        done.output_ids = [0] * (40 + 30 * i)  # the learned bias moves after every arrival
+        q.observe(done)
+    assert [q.pop().request_id for _ in range(6)] == [str(i) for i in range(6)]  # a constant guess is FCFS
+
+
 def test_ssrpt_preempts_only_while_its_predictions_rank():
     from ssjf.policy import OracleSRPTQueue, SSRPTQueue
 

@@ -101,12 +101,12 @@ class Scheduler:
                 or not self.waiting.trusts_estimates()):
             return []
         candidate = self.waiting.peek()
-        victim = self.preemption.victim(candidate, self.running, self.waiting.sort_key)
+        victim = self.preemption.victim(candidate, self.running, self.waiting.remaining)
         if victim is None:
             return []
         self.running.remove(victim)
         victim.preemptions += 1
-        victim.preempted_at.append((len(victim.output_ids), float(self.waiting.sort_key(victim))))
+        victim.preempted_at.append((len(victim.output_ids), float(self.waiting.remaining(victim))))
         self.add(victim)
         return [victim]
 
