@@ -10,8 +10,9 @@ Contenders (`--contenders`, a comma list):
 Every run starts a fresh server process and replays the same requests: the same model, dtype,
 batch cap (vLLM's max_num_seqs = our max_batch_size), context length, prompts, arrival times,
 max_tokens and ignore_eos (trace replay, as `ssjf bench` does). vLLM is called over OpenAI chat
-streaming (HTTP, one connection per request), ours over Triton gRPC streaming; both apply the
-model's chat template to one user message. `--rates` takes `inf` for a burst (every request at
+streaming (HTTP, one connection per request); ours over Triton gRPC streaming, or with `--client
+openai` through `ssjf serve`'s OpenAI API with the very client vLLM gets (one code path for both
+servers); both apply the model's chat template to one user message. `--rates` takes `inf` for a burst (every request at
 once): its tokens/s is each server's throughput. `--repeats K` runs K rounds, each on new arrival
 times, starting with the next contender, and reports each round's ratio to the baseline
 (`--baseline`, vllm-fcfs) with the means.
@@ -184,6 +185,54 @@ def start_triton(env: dict, log: Path, attempts: int = 3):
             print(f"tritonserver: a port was taken; trying new ports ({attempt + 2} of {attempts})", flush=True)
 
 
+class ServedOpenAI:
+    """`ssjf serve` (the supervisor, with its OpenAI API) on free ports, as a process of its own:
+    the OpenAI front end runs outside the client's process, as vLLM's does."""
+
+    def __init__(self, env: dict, log: Path, timeout: float = 420.0):
+        from ssjf.server import free_ports
+
+        http, grpc, metrics, self.port = free_ports(4)
+        self.http_url = f"http://127.0.0.1:{http}"
+        self.env = dict(env, HTTP_PORT=str(http), GRPC_PORT=str(grpc), METRICS_PORT=str(metrics),
+                        OPENAI_PORT=str(self.port), SSJF_DRAIN_S="2")
+        self.log, self.timeout = log, timeout
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServedOpenAI":
+        from ssjf.server import is_ready
+
+        self.out = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssjf.cli", "serve"], env=self.env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ssjf serve exited ({self.proc.returncode}); see {self.log}")
+            try:  # the API comes up first; the ensemble is ready when Triton says so
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as r:
+                    if r.status == 200 and is_ready(self.http_url):
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.__exit__()
+        raise TimeoutError(f"ssjf serve: the OpenAI API not up in {self.timeout:.0f} s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # drains (SSJF_DRAIN_S), then stops tritonserver
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.out.close()
+
+
 def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tuple[dict, list[Job]]:
     from ssjf.assets import resolve_llm
 
@@ -207,14 +256,21 @@ def run_contender(name: str, args, spec, times, priorities, log_dir: Path) -> tu
                    SSJF_MAX_SEQ_LEN=str(args.max_seq_len), SSJF_PROXY_ARTIFACT=args.artifact,
                    SSJF_KV_CACHE_GIB=f"{args.kv_cache_gib:g}", SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0",
                    **fresh_refresh(args))
-        server = start_triton(env, log)
-        try:
-            replay(server.grpc_url, [Job(-1, "Hello!", 4, 0.0)], True, 120)
-            replay(server.grpc_url, jobs, ignore_eos, args.timeout)
-        finally:
-            server.stop()
-        out_lengths = [j.chunks for j in jobs] if args.natural else lengths
-        mismatched = 0
+        if args.client == "openai":
+            with ServedOpenAI(env, log) as s:
+                openai_replay(s.url, "smollm2", [Job(-1, "Hello!", 4, 0.0)], True, 120)
+                tokens = openai_replay(s.url, "smollm2", jobs, ignore_eos, args.timeout)
+            out_lengths = tokens if args.natural else lengths
+            mismatched = sum(1 for j, n, m in zip(jobs, tokens, lengths) if j.error is None and m and n != m)
+        else:
+            server = start_triton(env, log)
+            try:
+                replay(server.grpc_url, [Job(-1, "Hello!", 4, 0.0)], True, 120)
+                replay(server.grpc_url, jobs, ignore_eos, args.timeout)
+            finally:
+                server.stop()
+            out_lengths = [j.chunks for j in jobs] if args.natural else lengths
+            mismatched = 0
     metrics = summarize(jobs, out_lengths)
     metrics["token_count_mismatches"] = mismatched  # vLLM's usage count against max_tokens (ignore_eos)
     return metrics, jobs
@@ -280,6 +336,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rates", default="1.0", help="comma list of mean arrival rates (req/s); inf: all at once")
     ap.add_argument("--dtype", default="auto", help="both servers' dtype (auto: bf16 where the CPU runs it natively)")
     ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="both servers' CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    ap.add_argument("--client", choices=("triton", "openai"), default="triton",
+                    help="how our contenders are called: Triton gRPC streaming, or the OpenAI API of `ssjf serve` "
+                         "with the same client as vLLM's")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--aiperf-input", help="also write round 1's replay (first rate) as aiperf single_turn JSONL, "
