@@ -296,13 +296,14 @@ class SSRPTQueue(SSJFQueue):
     place back for a waiting one that is expected to finish much sooner (Scheduler's preemption)."""
 
     MIN_RANKED = 20  # finished requests before their tau is taken to judge the predictions
+    RANK_EVERY = 10  # the tau is recomputed every this many finished requests (it runs on the engine thread)
 
     def __init__(self, *, spread: LengthSpread | None = None, min_tau: float = 0.0, **kw):
         super().__init__(**kw)
         self.spread = spread or LengthSpread()
         self.min_tau = min_tau
         self.ranks = RankWindow(200)
-        self._tau = 0.0
+        self._tau, self._unranked = 0.0, 0
 
     def remaining(self, req: Request) -> float:
         """Its expected remaining length in tokens, given the tokens it has generated."""
@@ -324,7 +325,9 @@ class SSRPTQueue(SSJFQueue):
         if req.predicted_length is not None:
             self.spread.observe(self.predicted(req), len(req.output_ids))
             self.ranks.add(req.predicted_length, len(req.output_ids))
-            self._tau = self.ranks.kendall_tau()
+            self._unranked += 1
+            if self._unranked >= self.RANK_EVERY or len(self.ranks) == self.MIN_RANKED:
+                self._tau, self._unranked = self.ranks.kendall_tau(), 0
 
     def trusts_estimates(self) -> bool:
         """A useless proxy (a constant, or one that ranks this traffic no better than chance) would

