@@ -576,6 +576,49 @@ def test_ssrpt_preempts_a_long_job_for_a_short_one_and_the_tokens_are_unchanged(
         assert r.sink.text == backend.tokenizer.decode(r.output_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("park_slots", [0, 1])
+def test_a_preempted_job_resumes_from_its_parked_cache_or_is_prefilled_again(tiny_model, tokenizer, park_slots):
+    """torch runner: with a park slot free the preempted job's KV is kept and it resumes with no
+    prefill; with none it is prefilled again. Either way its tokens equal an uninterrupted run's."""
+    backend = Backend("torch", tiny_model, tokenizer)
+    engine = backend.engine(policy="ssrpt", max_batch_size=1, park_slots=park_slots)
+    runner, prefilled = engine.runner, []
+    prefill = runner.prefill
+    runner.prefill = lambda slots, prompts: (prefilled.append(sum(map(len, prompts))), prefill(slots, prompts))[1]
+    long = Request("long", engine.encode_prompt(PROMPTS[1]), max_tokens=30, sink=ListSink(), ignore_eos=True,
+                   predicted_length=200)
+    engine.add_request(long)
+    for _ in range(5):
+        engine.step()
+    short = Request("short", engine.encode_prompt("hi"), max_tokens=3, sink=ListSink(), ignore_eos=True,
+                    predicted_length=2)
+    engine.add_request(short)
+    engine.run_until_idle()
+    assert long.preemptions == 1 and short.finish_time < long.finish_time
+    for r in (long, short):
+        assert r.output_ids == backend.reference(r.prompt_ids, r.max_tokens) and r.sink.finals == 1
+    # the long prompt, the short one, and (without a park slot) the long one's prompt + 6 tokens again
+    assert len(prefilled) == (2 if park_slots else 3)
+    assert runner.parked == {} and runner.slots == []
+
+
+def test_a_parked_job_that_ends_while_waiting_frees_its_park_slot(tiny_model, tokenizer):
+    engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, park_slots=1)
+    long = Request("long", engine.encode_prompt("a story"), max_tokens=30, sink=ListSink(), ignore_eos=True,
+                   predicted_length=200)
+    engine.add_request(long)
+    engine.step()
+    engine.step()
+    engine.add_request(Request("s", engine.encode_prompt("hi"), max_tokens=20, sink=ListSink(), ignore_eos=True,
+                               predicted_length=1))
+    engine.step()
+    assert long.preemptions == 1 and list(engine.runner.parked) == [long.seq]
+    long.sink.cancelled = True
+    engine._next_waiting_scan = engine._next_cancel_scan = 0.0  # the next scan checks cancellations
+    engine.step()
+    assert long.status is RequestStatus.ABORTED and engine.runner.parked == {}
+
+
 def test_ssrpt_does_not_preempt_past_the_bounds(tiny_model, tokenizer):
     engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, max_preemptions=1)
     long = Request("long", engine.encode_prompt("a story"), max_tokens=30, sink=ListSink(), ignore_eos=True,

@@ -96,6 +96,8 @@ class EngineConfig:
     max_preemptions: int = setting(1, "ssrpt: times one job may be preempted (each counts as a pass for the guard)")
     preempt_min_tau: float = setting(0.1, "ssrpt: preempt only while the predictions rank the last finished requests "
                                           "at least this well (Kendall tau over up to 200, once 20 finished); 0: always")
+    park_slots: int = setting(4, "ssrpt, torch runner: KV-cache slots beyond the batch where a preempted job keeps "
+                                 "its cache and resumes without a prefill (each a batch slot's size); 0: prefilled again")
     length_sigma: float = setting(0.8, "ssrpt: the starting spread of log(true / predicted) length; learned as it serves")
     cap_by_max_tokens: bool = setting(True, "SSJF key = min(predicted length, max_tokens); off: the prediction alone")
     request_timeout_s: float = setting(600.0, "deadline from arrival unless the client sets a shorter one; 0 disables")
@@ -145,7 +147,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("starvation_s", "max_bypass_ratio", "kv_cache_gib", "request_timeout_s", "max_engine_restarts",
+        for name in ("starvation_s", "max_bypass_ratio", "park_slots", "kv_cache_gib", "request_timeout_s", "max_engine_restarts",
                      "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

@@ -203,17 +203,18 @@ class Engine:
         self._scan_waiting()
         self._drop_cancelled(self.scheduler.running)  # frees slots before admission
         admitted = self.scheduler.schedule()
-        for req in self.scheduler.preempted:  # back to waiting with its tokens; its cache place is freed
-            self.runner.release(req)
+        for req in self.scheduler.preempted:  # back to waiting with its tokens; its batch place is freed
+            self.runner.preempt(req)
             self.metrics.preempted(req)
         self._drop_cancelled(admitted)  # a cancelled request is never prefilled
         admitted = [r for r in admitted if not r.is_done]
-        for req in admitted:
-            if req.output_ids:  # back from a preemption: its prompt and what it generated are prefilled again
-                self.metrics.recomputed(req.context_len)
         new_tokens = 0
         if admitted:
-            new_tokens += self._postprocess(self.runner.admit(admitted))
+            out = self.runner.admit(admitted)
+            for req in admitted:
+                if req.output_ids and req not in out.resumed:  # back from a preemption without its cache:
+                    self.metrics.recomputed(req.context_len)    # its prompt and what it generated, prefilled again
+            new_tokens += self._postprocess(out)
         running = [r for r in self.scheduler.running if not r.is_done]
         if running:
             new_tokens += self._postprocess(self.runner.step(running))
@@ -335,10 +336,17 @@ class Engine:
         self.metrics.queued_work(self.queued_work())
         for req in list(self.scheduler.waiting):
             if req.deadline is not None and now > req.deadline:
-                if self.scheduler.remove_waiting(req):
+                if self._unqueue(req):
                     self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
-            elif check_cancel and req.sink.is_cancelled() and self.scheduler.remove_waiting(req):
+            elif check_cancel and req.sink.is_cancelled() and self._unqueue(req):
                 self._finish(req, RequestStatus.ABORTED, "request cancelled")
+
+    def _unqueue(self, req: Request) -> bool:
+        """Take a waiting request out of the queue; a preempted one may still hold a kept cache."""
+        if not self.scheduler.remove_waiting(req):
+            return False
+        self.runner.release(req)
+        return True
 
     def queued_work(self) -> int:
         """Predicted tokens still to generate here: the waiting requests' predicted lengths plus the
@@ -361,7 +369,7 @@ class Engine:
             for req in list(self.scheduler.running):
                 self._retire(req)
             for req in list(self.scheduler.waiting):
-                self.scheduler.remove_waiting(req)
+                self._unqueue(req)
         except Exception:
             log.exception("the scheduler could not be emptied")
 

@@ -5,6 +5,9 @@ The KV cache is one static tensor per K and V, shaped
 [layers, slots, kv_heads, max_seq_len, head_dim]. Running requests occupy slots
 0..B-1 with no holes (release() moves the last request into a freed slot), so a
 decode step reads the cache through a plain slice and never recomputes a prefix.
+Under a preemptive policy `park_slots` more slots follow the batch's: a preempted
+request's cache is copied there and copied back when it is admitted again, so it
+resumes without a prefill (when they are all taken it is prefilled again).
 The forward pass drives the Hugging Face modules of a Llama-family model
 (Llama, SmolLM, Mistral, Qwen2/3) directly, layer by layer.
 """
@@ -16,7 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .config import EngineConfig
+from .config import PREEMPTIVE, EngineConfig
 from .cpus import EngineThreads, resolve_dtype
 from .cpus import linear as cpu_linear
 from . import kernels
@@ -104,7 +107,11 @@ class ModelRunner:
         self.max_seq_len = min(config.max_seq_len, getattr(cfg, "max_position_embeddings", config.max_seq_len))
         self.num_slots = config.max_batch_size
         self.slots: list[Request] = []  # slots[i].slot == i
-        shape = (len(self.layers), self.num_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
+        preemptive = config.policy in PREEMPTIVE and config.batching == "continuous"
+        self.park_slots = list(range(self.num_slots, self.num_slots + (config.park_slots if preemptive else 0)))
+        self.parked: dict[int, int] = {}  # a preempted request's seq -> the park slot holding its cache
+        shape = (len(self.layers), self.num_slots + len(self.park_slots), self.num_kv_heads, self.max_seq_len,
+                 self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         positions = torch.arange(self.max_seq_len, device=self.device)[None]
@@ -124,8 +131,8 @@ class ModelRunner:
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
         log.info(
-            "model runner: %s on %s in %s, %d slots x %d tokens of KV cache (%.0f MiB)",
-            type(model).__name__, self.device, self.dtype, self.num_slots, self.max_seq_len,
+            "model runner: %s on %s in %s, %d slots (+%d to park) x %d tokens of KV cache (%.0f MiB)",
+            type(model).__name__, self.device, self.dtype, self.num_slots, len(self.park_slots), self.max_seq_len,
             2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
         )
 
@@ -378,16 +385,23 @@ class ModelRunner:
 
     # ---- the runner interface (runner.Runner) --------------------------------------------
     def admit(self, reqs: list[Request]) -> StepOutput:
-        """Give each request the next free slot and prefill it: its first token."""
+        """Give each request the next free slot and prefill it: its first token. One whose cache was
+        parked at its preemption gets it back instead (no prefill; its next token comes from step)."""
         self.threads.bind("torch runner")
         for req in reqs:
             if len(self.slots) >= self.num_slots:
                 raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
             req.slot = len(self.slots)
             self.slots.append(req)
-        out = self._run(reqs, lambda rs: self.prefill([r.slot for r in rs], [r.context_ids for r in rs]))
+        resumed = [r for r in reqs if r.seq in self.parked]
+        for req in resumed:
+            self.move_slot(self.parked.pop(req.seq), req.slot, req.num_cached)
+        fresh = [r for r in reqs if r not in resumed]
+        out = self._run(fresh, lambda rs: self.prefill([r.slot for r in rs], [r.context_ids for r in rs])) \
+            if fresh else StepOutput()
         for req, _ in out.tokens:
             req.num_cached = req.prompt_len + len(req.output_ids)  # the new token is appended after this
+        out.resumed = resumed
         return out
 
     def step(self, reqs: list[Request]) -> StepOutput:
@@ -400,8 +414,20 @@ class ModelRunner:
             req.num_cached += 1
         return out
 
+    def preempt(self, req: Request) -> None:
+        """Copy req's cache to a free park slot (if one is) and give its batch slot back."""
+        free = [s for s in self.park_slots if s not in self.parked.values()]
+        if free and 0 <= req.slot < len(self.slots) and self.slots[req.slot] is req:
+            self.move_slot(req.slot, free[0], req.num_cached)
+            self.parked[req.seq] = free[0]
+        self._vacate(req)
+
     def release(self, req: Request) -> None:
-        """Free req's slot; the last request moves into the hole, so slots stay 0..B-1."""
+        self.parked.pop(req.seq, None)
+        self._vacate(req)
+
+    def _vacate(self, req: Request) -> None:
+        """Free req's batch slot; the last request moves into the hole, so slots stay 0..B-1."""
         if req.slot < 0 or req.slot >= len(self.slots) or self.slots[req.slot] is not req:
             return
         hole, req.slot = req.slot, -1

@@ -135,6 +135,10 @@ class VllmRunner:
                 out.stopped.append(req)
         return out
 
+    def preempt(self, req: Request) -> None:
+        """Aborted; it comes back under a new id, and vLLM's prefix cache keeps what it can of its blocks."""
+        self.release(req)
+
     def release(self, req: Request) -> None:
         key = self._ids.pop(req.seq, None)  # the id it was admitted under (a preemption counts up after)
         if key is not None and self._live.pop(key, None) is not None:

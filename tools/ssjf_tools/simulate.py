@@ -86,6 +86,7 @@ class CostModelRunner:
                  kv_parking: bool = False):
         self.clock, self.cost, self.lengths = clock, cost, lengths
         self.kv_parking = kv_parking  # a preempted request keeps its KV: coming back costs no prefill
+        self.parked: set[int] = set()
         self.tokenizer = _NoText()
         self.max_seq_len = max_seq_len
         self.eos_token_ids = {self.EOS}
@@ -95,16 +96,27 @@ class CostModelRunner:
         return StepOutput(tokens=[(r, [self.EOS if end else 0]) for r, end in zip(reqs, last)])
 
     def admit(self, reqs: list[Request]) -> StepOutput:
-        fresh = [r for r in reqs if not (self.kv_parking and r.output_ids)]
-        if fresh:
-            self.clock.now += self.cost.prefill(max(r.context_len for r in fresh), len(fresh))
-        return self._one_token_each(reqs)
+        """A preempted job whose cache was kept (kv_parking) resumes free, its next token from step()."""
+        resumed = [r for r in reqs if r.seq in self.parked]
+        self.parked -= {r.seq for r in resumed}
+        fresh = [r for r in reqs if r not in resumed]
+        if not fresh:
+            return StepOutput(resumed=resumed)
+        self.clock.now += self.cost.prefill(max(r.context_len for r in fresh), len(fresh))
+        out = self._one_token_each(fresh)
+        out.resumed = resumed
+        return out
 
     def step(self, reqs: list[Request]) -> StepOutput:
         self.clock.now += self.cost.decode(len(reqs))
         return self._one_token_each(reqs)
 
-    def release(self, req: Request) -> None: ...
+    def preempt(self, req: Request) -> None:
+        if self.kv_parking:
+            self.parked.add(req.seq)
+
+    def release(self, req: Request) -> None:
+        self.parked.discard(req.seq)
 
 
 def simulate(config, prompt_tokens: list[int], lengths: list[int], predictions: list[int | None],
