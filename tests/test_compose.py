@@ -7,9 +7,13 @@ import yaml
 COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
 
 
-def test_triton_service_runs_the_official_2_51_image_on_a_gpu():
+def test_triton_service_runs_the_image_make_check_gpu_image_resolves_for_on_a_gpu():
     triton = COMPOSE["services"]["triton"]
-    assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    image = next(line.split(":=")[1].strip() for line in makefile.splitlines() if line.startswith("GPU_IMAGE :="))
+    assert triton["image"] == image == "nvcr.io/nvidia/tritonserver:25.12-py3"
+    assert "GPU_IMAGE_PYTHON := 3.12" in makefile  # that image's Python (Ubuntu 24.04); vLLM 0.32 needs >= 3.11
+    assert "check-gpu-image" in next(line for line in makefile.splitlines() if line.startswith("test:"))
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert triton["environment"]["SSJF_DEVICE"] == "cuda"

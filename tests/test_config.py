@@ -32,3 +32,20 @@ def test_the_scheduler_queue_gets_the_cap_and_the_guard():
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValueError):
         EngineConfig(**bad)
+
+
+def test_tensor_and_pipeline_parallel_sizes_reach_vllms_engine_args():
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from ssjf.assets import smollm2_path
+    from ssjf.vllm_runner import engine_args
+
+    path = str(smollm2_path())
+    config = EngineConfig.from_strings({}, {"SSJF_TENSOR_PARALLEL_SIZE": "4", "SSJF_PIPELINE_PARALLEL_SIZE": "2",
+                                            "SSJF_RUNNER": "vllm"})
+    args = engine_args(config, path, "bfloat16")
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
+    assert args.distributed_executor_backend == "mp"  # vLLM's own workers, one per GPU
+    single = engine_args(EngineConfig(runner="vllm"), path, "bfloat16")
+    assert (single.tensor_parallel_size, single.pipeline_parallel_size, single.distributed_executor_backend) == (1, 1, None)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(runner="vllm", tensor_parallel_size=0)

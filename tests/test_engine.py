@@ -51,6 +51,10 @@ class Backend:
 @pytest.fixture(scope="session")
 def vllm_backend(tokenizer):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install VLLM=1 installs it)")
+    import importlib.metadata
+
+    if not torch.cuda.is_available() and importlib.metadata.packages_distributions().get("vllm") == ["vllm"]:
+        pytest.skip("vLLM's CUDA build (make test-gpu-deps) cannot start an engine without a GPU")
     from transformers import AutoModelForCausalLM
 
     from ssjf.assets import smollm2_path

@@ -112,6 +112,9 @@ class EngineConfig:
     cuda_graphs: bool = setting(True, "torch runner on CUDA: decode steps replayed from CUDA graphs, one per "
                                       "batch-size bucket (captured at first use)")
     enforce_eager: bool = setting(False, "vllm runner: no torch.compile or graph capture (faster start, slower steps)")
+    tensor_parallel_size: int = setting(1, "vllm runner: GPUs each layer is split over (vLLM's own workers run them)")
+    pipeline_parallel_size: int = setting(1, "vllm runner: GPUs the layers are staged over; the server uses "
+                                             "tensor x pipeline GPUs")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
     proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")
     proxy_refresh_window: int = setting(4000, "proxy refresh: the recent finished requests it learns "
@@ -144,7 +147,8 @@ class EngineConfig:
             raise ValueError("preempt_margin and max_preemptions must be >= 0, preempt_max_fraction in [0, 1]")
         if self.length_sigma <= 0:
             raise ValueError("length_sigma must be > 0")
-        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens"):
+        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "default_max_tokens",
+                     "tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("starvation_s", "max_bypass_ratio", "park_slots", "kv_cache_gib", "request_timeout_s", "max_engine_restarts",

@@ -134,6 +134,10 @@ class TritonServer:
         return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.config.http_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.metrics_port}"
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 

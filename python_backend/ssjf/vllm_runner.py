@@ -39,9 +39,13 @@ def engine_args(config: EngineConfig, path: str, dtype: str):
     """vLLM's engine arguments for our config (vLLM's defaults otherwise, as `vllm serve` has them)."""
     from vllm import EngineArgs
 
+    parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
     return EngineArgs(model=path, tokenizer=path, dtype=dtype, max_num_seqs=config.max_batch_size,
                       max_model_len=config.max_seq_len, enforce_eager=config.enforce_eager, seed=0,
-                      disable_log_stats=True)
+                      disable_log_stats=True, tensor_parallel_size=config.tensor_parallel_size,
+                      pipeline_parallel_size=config.pipeline_parallel_size,
+                      # one worker process per GPU, started and driven by vLLM's own executor
+                      distributed_executor_backend="mp" if parallel else None)
 
 
 class VllmRunner:

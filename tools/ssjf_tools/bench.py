@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from ssjf_client.client import build_inputs
+from ssjf_client.client import build_inputs, scrape_metrics
 
 from .flags import GUARD, PREEMPT, config_args
 
@@ -252,6 +252,7 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
                # trace replay's max_tokens *is* the true length: SSJF must not read it
                SSJF_CAP_BY_MAX_TOKENS="1" if args.natural else "0", **fresh_refresh(args))
     log = Path(args.out).with_suffix(f".{batching}.{policy}.log") if args.out else None
+    served = {}
     if args.url:
         replay(args.url, jobs, not args.natural, args.timeout)
     else:
@@ -259,9 +260,23 @@ def run_policy(policy: str, args, jobs_spec, times, lengths, batching: str) -> t
             warm = [Job(-1 - i, "Hello!", 4, 0.0) for i in range(2)]
             for w in warm:
                 replay(server.grpc_url, [w], True, 60)
+            before = server_counters(server.metrics_url)
             replay(server.grpc_url, jobs, not args.natural, args.timeout)
+            served = {k: v - before.get(k, 0.0) for k, v in server_counters(server.metrics_url).items()}
     out_lengths = [j.chunks if args.natural else n for j, n in zip(jobs, lengths)]
-    return summarize(jobs, out_lengths), jobs
+    metrics = summarize(jobs, out_lengths)
+    if served.get("generated_tokens"):
+        metrics.update(served, recomputed_share=served["recomputed_tokens"] / served["generated_tokens"])
+    return metrics, jobs
+
+
+def server_counters(metrics_url: str) -> dict[str, float]:
+    """The llm's own counts (what a client cannot see): tokens generated, preemptions, and tokens
+    prefilled again after a preemption."""
+    values = scrape_metrics(metrics_url)
+    total = lambda name: sum(v for k, v in values.items() if k.split("{")[0] == name)  # noqa: E731
+    return {"generated_tokens": total("ssjf_generated_tokens_total"), "preemptions": total("ssjf_preemptions_total"),
+            "recomputed_tokens": total("ssjf_recomputed_tokens_total")}
 
 
 def combine_rounds(rounds: list[dict], base: str = "fcfs",
