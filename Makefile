@@ -9,7 +9,7 @@ export SSJF_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install prepare serve test test-unit test-integration test-gpu-deps check-gpu-image bench-engine clean
+.PHONY: install prepare serve test test-unit test-integration test-gpu-deps check-gpu-image test-tools bench-engine clean
 
 $(STAMP): requirements.txt requirements-vllm.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ prepare: install
 serve: prepare
 	$(BIN)/ssjf serve
 
-test: prepare check-gpu-image
+test: prepare check-gpu-image test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The replicas test's load balancer: Debian's nginx (the package only; the service it would start is
+# stopped). Where apt cannot install it, that one test skips and says why.
+test-tools:
+	@command -v nginx >/dev/null || { command -v apt-get >/dev/null && \
+	  { apt-get install -y -q nginx-light >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx-light >/dev/null 2>&1; }; } && \
+	  { pkill -x nginx || true; } ; } || echo "nginx could not be installed: tests/integration/test_replicas.py will skip"
 
 test-unit: prepare
 	$(BIN)/python -m pytest -q -m "not integration"
