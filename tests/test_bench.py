@@ -168,7 +168,7 @@ def test_slo_capacity_is_the_highest_rate_before_the_first_miss():
 
 def test_bench_engine_times_one_decode_step_of_the_torch_runner(tiny_model, tokenizer):
     from ssjf.config import EngineConfig
-    from ssjf.model_runner import ModelRunner
+    from ssjf.runners.torch.runner import ModelRunner
     from ssjf_tools.bench_engine import bench_decode_step
 
     runner = ModelRunner(EngineConfig(dtype="float32", max_seq_len=128, max_batch_size=2), model=tiny_model,

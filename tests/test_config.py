@@ -37,7 +37,7 @@ def test_invalid_values_are_rejected(bad):
 def test_tensor_and_pipeline_parallel_sizes_reach_vllms_engine_args():
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from ssjf.assets import smollm2_path
-    from ssjf.vllm_runner import engine_args
+    from ssjf.runners.vllm import engine_args
 
     path = str(smollm2_path())
     config = EngineConfig.from_strings({}, {"SSJF_TENSOR_PARALLEL_SIZE": "4", "SSJF_PIPELINE_PARALLEL_SIZE": "2",

@@ -10,7 +10,7 @@ import torch
 from conftest import ListSink
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
-from ssjf.model_runner import ModelRunner
+from ssjf.runners.torch.runner import ModelRunner
 from ssjf.request import LLMInputs, Request, RequestStatus
 
 PROMPTS = ["hello there", "a much longer prompt about the sea, the sky, the wind and more", "x",
@@ -29,7 +29,7 @@ class Backend:
         if self.kind == "torch":
             runner = ModelRunner(config, model=self.model, tokenizer=self.tokenizer)
         else:
-            from ssjf.vllm_runner import VllmRunner
+            from ssjf.runners.vllm import VllmRunner
 
             runner = VllmRunner(config, engine=self.llm, tokenizer=self.tokenizer)
         return Engine(config, runner=runner, clock=clock, on_death=on_death)
@@ -58,7 +58,7 @@ def vllm_backend(tokenizer):
     from transformers import AutoModelForCausalLM
 
     from ssjf.assets import smollm2_path
-    from ssjf.vllm_runner import VllmRunner
+    from ssjf.runners.vllm import VllmRunner
 
     config = EngineConfig(runner="vllm", dtype="float32", max_batch_size=8, max_seq_len=512, enforce_eager=True)
     llm = VllmRunner._start(config, str(smollm2_path()), "float32")
@@ -430,7 +430,7 @@ def test_the_torch_runner_keeps_its_slots_without_holes(tiny_model, tokenizer):
 
 
 def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_logits(tiny_model, tokenizer):
-    from ssjf.model_runner import prefill_groups
+    from ssjf.runners.torch.model import prefill_groups
 
     # longest first; a short prompt is not padded to a long one's width, short ones still batch
     assert prefill_groups([50, 500, 480, 12, 10], 2048) == [[1, 2], [0, 3], [4]]
@@ -447,7 +447,7 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_with_the_same_logit
 
 
 def test_prefill_widths_come_from_a_small_fixed_ladder():
-    from ssjf.model_runner import prefill_width
+    from ssjf.runners.torch.model import prefill_width
 
     widths = {prefill_width(n, 2048) for n in range(1, 2049)}
     assert len(widths) <= 28 and max(widths) == 2048

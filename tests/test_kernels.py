@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ssjf import kernels
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine
-from ssjf.model_runner import ModelRunner
+from ssjf.runners.torch.runner import ModelRunner
 from ssjf.request import NullSink, Request
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the runner uses torch's attention")
@@ -159,7 +159,7 @@ def test_packed_products_match_torch_at_every_row_count(pack, product, n, k, wit
 @needs_dpbf
 @pytest.mark.skipif(kernels.amx(), reason="an AMX CPU takes amx_linear")
 def test_cpu_linear_runs_the_dot_products_at_every_row_count():
-    from ssjf.cpus import linear
+    from ssjf.kernels.linear import linear
 
     w, b = (torch.randn(64, 96) * 0.1).bfloat16(), torch.randn(64).bfloat16()
     run = linear(w, b)
@@ -171,7 +171,7 @@ def test_cpu_linear_runs_the_dot_products_at_every_row_count():
 
 @needs_amx
 def test_cpu_linear_runs_amx_at_decode_rows_and_torch_above():
-    from ssjf.cpus import linear
+    from ssjf.kernels.linear import linear
 
     w = (torch.randn(64, 64) * 0.1).bfloat16()
     run = linear(w, None)

@@ -1,5 +1,9 @@
-"""The product never imports the lab: what the server loads imports only serving modules, and the
-lab (ssjf_tools) and the client (ssjf_client) are separate packages the product never names."""
+"""The package's shape as assertions. The product never imports the lab: what the server loads
+imports only serving modules, and the lab (ssjf_tools) and the client (ssjf_client) are separate
+packages the product never names. Inside the product: a flat serving core (plus config, server
+and cli) and three wings, `runners/` (batched generation behind one seam), `kernels/` (C kernels
+and the matrix-product dispatcher) and `proxy/` (the length predictor and its learner), with no
+import cycle anywhere, counting imports inside functions."""
 
 import ast
 from pathlib import Path
@@ -7,13 +11,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python_backend" / "ssjf"
 TOOLS = ROOT / "tools" / "ssjf_tools"
+WINGS = ("ssjf.runners", "ssjf.kernels", "ssjf.proxy")
 # what tritonserver loads: the model.py files and the serving modules they reach
-PRODUCT = {"ssjf", "ssjf.config", "ssjf.request", "ssjf.policy", "ssjf.scheduler", "ssjf.runner", "ssjf.model_runner",
-           "ssjf.vllm_runner", "ssjf.detokenizer", "ssjf.engine", "ssjf.serving", "ssjf.metrics", "ssjf.responder",
-           "ssjf.cpus", "ssjf.kernels", "ssjf.proxy", "ssjf.assets", "ssjf.server", "ssjf.cli", "ssjf.learner", "ssjf.gate", "ssjf.openai_api"}
+PRODUCT = {"ssjf", "ssjf.config", "ssjf.request", "ssjf.policy", "ssjf.scheduler", "ssjf.detokenizer", "ssjf.engine",
+           "ssjf.serving", "ssjf.metrics", "ssjf.responder", "ssjf.cpus", "ssjf.assets", "ssjf.server", "ssjf.cli",
+           "ssjf.gate", "ssjf.openai_api",
+           "ssjf.runners", "ssjf.runners.base", "ssjf.runners.vllm", "ssjf.runners.torch", "ssjf.runners.torch.model",
+           "ssjf.runners.torch.runner",
+           "ssjf.kernels", "ssjf.kernels.linear",
+           "ssjf.proxy", "ssjf.proxy.encoder", "ssjf.proxy.head", "ssjf.proxy.predictor", "ssjf.proxy.learner"}
+
+
+def module_name(path: Path, root: Path = PACKAGE, top: str = "ssjf") -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([top, *parts])
+
+
+def is_package(name: str) -> bool:
+    return (PACKAGE.joinpath(*name.split(".")[1:]) / "__init__.py").exists() if name != "ssjf" else True
 
 
 def imports(path: Path, package: str) -> set[str]:
+    """The modules `path` imports anywhere in it (functions included), resolved to full names;
+    `package` is the package a relative import is relative to."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -21,31 +43,86 @@ def imports(path: Path, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = package + ("." + base if base else "")
-                names.update(f"{base}.{a.name}" if f"{base}.{a.name}" in PRODUCT else base for a in node.names)
-            else:
-                names.add(base)
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for a in node.names:  # `from pkg import module` imports the module
+                full = f"{base}.{a.name}"
+                names.add(full if full in PRODUCT or (base.startswith("ssjf") and full.startswith("ssjf") and
+                                                      (PACKAGE.joinpath(*full.split(".")[1:]).with_suffix(".py").exists()
+                                                       or (PACKAGE.joinpath(*full.split(".")[1:]) / "__init__.py").exists()))
+                          else base)
     return names
 
 
+def package_of(path: Path) -> str:
+    name = module_name(path)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def product_graph() -> dict[str, set[str]]:
+    return {module_name(p): {n for n in imports(p, package_of(p)) if n.startswith("ssjf.") or n == "ssjf"}
+            for p in PACKAGE.rglob("*.py")}
+
+
 def product_files() -> list[Path]:
-    files = sorted(ROOT.glob("model_repository/*/1/model.py"))
-    files += [PACKAGE / ("__init__.py" if m == "ssjf" else m.split(".", 1)[1] + ".py") for m in PRODUCT]
-    return files
+    return sorted(ROOT.glob("model_repository/*/1/model.py")) + sorted(PACKAGE.rglob("*.py"))
 
 
 def test_the_serving_package_holds_only_the_product():
-    modules = {"ssjf" if p.stem == "__init__" else f"ssjf.{p.stem}" for p in PACKAGE.glob("*.py")}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
     assert modules == PRODUCT, modules ^ PRODUCT
 
 
 def test_the_product_imports_nothing_from_the_lab_or_the_client():
     for path in product_files():
-        found = imports(path, "ssjf")
+        found = imports(path, package_of(path) if PACKAGE in path.parents else "ssjf")
         bad = {n for n in found if n.split(".")[0] in ("ssjf_tools", "ssjf_client")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
         unknown = {n for n in found if n.startswith("ssjf.") and n not in PRODUCT}
         assert not unknown, f"{path.relative_to(ROOT)} imports {sorted(unknown)}"
+
+
+def test_no_import_cycle_in_the_product():
+    graph = product_graph()
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        path.append(name)
+        for dep in sorted(graph.get(name, ())):
+            if dep != name and not name.startswith(dep + "."):  # a module's own package runs first, not an edge
+                visit(dep)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_the_wings_keep_to_their_rooms():
+    """The core reaches a runner only through the registry and the seam; a runner never imports
+    the proxy, nor the proxy a runner; the kernels import neither; the proxy serves only (its
+    training and the lab's embedding cache live in ssjf_tools)."""
+    graph = product_graph()
+    wing = lambda n: next((w for w in WINGS if n == w or n.startswith(w + ".")), "core")  # noqa: E731
+    for name, deps in graph.items():
+        for dep in deps:
+            if wing(name) == "core" and dep.startswith("ssjf.runners."):
+                assert dep == "ssjf.runners.base", f"{name} imports {dep}: the core goes through ssjf.runners"
+            if wing(name) == "ssjf.runners":
+                assert wing(dep) != "ssjf.proxy", f"{name} imports {dep}"
+            if wing(name) == "ssjf.proxy":
+                assert wing(dep) != "ssjf.runners", f"{name} imports {dep}"
+            if wing(name) == "ssjf.kernels":
+                assert wing(dep) not in ("ssjf.runners", "ssjf.proxy"), f"{name} imports {dep}"
+    for path in (PACKAGE / "proxy").glob("*.py"):
+        text = path.read_text()
+        for training in ("torch.optim", "requires_grad = True", "save_artifact", "encode_cached", "LoRALinear"):
+            assert training not in text, f"{path.relative_to(ROOT)} holds training code ({training})"
 
 
 def test_the_lab_is_a_package_of_its_own():
@@ -56,13 +133,13 @@ def test_the_lab_is_a_package_of_its_own():
 
 
 def test_nothing_finds_files_relative_to_the_source_tree():
-    for path in [*PACKAGE.glob("*.py"), *TOOLS.glob("*.py"), *ROOT.glob("client/ssjf_client/*.py")]:
+    for path in [*PACKAGE.rglob("*.py"), *TOOLS.glob("*.py"), *ROOT.glob("client/ssjf_client/*.py")]:
         assert "parents[" not in path.read_text(), f"{path.relative_to(ROOT)} finds files through parents[...]"
 
 
 def test_only_the_config_module_reads_the_environment():
     readers = []
-    for path in [*PACKAGE.glob("*.py"), *ROOT.glob("model_repository/*/1/model.py"), ROOT / "loadtest" / "locustfile.py"]:
+    for path in [*PACKAGE.rglob("*.py"), *ROOT.glob("model_repository/*/1/model.py"), ROOT / "loadtest" / "locustfile.py"]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "getenv") \
                     and isinstance(node.func.value, (ast.Attribute, ast.Name)) \

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from ssjf.learner import OnlineHead, RankWindow, kendall_tau
+from ssjf.metrics import RankWindow, kendall_tau
+from ssjf.proxy.learner import OnlineHead
 
 
 class LinearHead:
@@ -108,7 +109,7 @@ def test_eval_proxy_online_reports_second_half_and_frozen_tau(tmp_path):
 
 
 def test_the_correction_travels_through_its_file_and_a_refresher_writes_it_only_when_swapped(tmp_path):
-    from ssjf.learner import CorrectionFile, Refresher
+    from ssjf.proxy.learner import CorrectionFile, Refresher
 
     x, y = rows(600, 4, [0.1, 1.0, 0.0])
     base = x[:, 0]  # the proxy's own (poor) log prediction, sent as the last column
@@ -134,7 +135,7 @@ def test_the_correction_travels_through_its_file_and_a_refresher_writes_it_only_
 
 
 def test_the_served_proxy_sends_its_features_and_applies_a_correction(tmp_path):
-    from ssjf.learner import CorrectionFile
+    from ssjf.proxy.learner import CorrectionFile
     from ssjf.proxy import LengthPredictor
 
     predictor = LengthPredictor("recorded")

@@ -129,7 +129,8 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
     with them merged into its weights, embeds exactly as the adapted one did."""
     import torch
 
-    from ssjf.proxy import ADAPTER, Encoder
+    from ssjf.proxy.encoder import ADAPTER, Encoder
+    from ssjf_tools.train_proxy import adapter_arrays, add_adapters
 
     out = tmp_path / "ft.npz"
     results = train(["--data", str(synthetic), "--name", str(out), "--objective", "regression", "--encoder-layers",
@@ -147,7 +148,7 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
 
     texts = ["Name one fact about jazz.", "Write a detailed essay about the history of jazz, please."]
     adapted = Encoder("minilm", layers=1)
-    adapted.add_adapters(4)
+    add_adapters(adapted, 4)
     torch.manual_seed(1)
     for name, prm in adapted.model.named_parameters():
         if prm.requires_grad:
@@ -155,7 +156,7 @@ def test_finetune_ships_adapters_that_serve_like_training(synthetic, tmp_path):
     with torch.no_grad():
         want = adapted.forward(texts)[0]
     merged = Encoder("minilm", layers=1)
-    merged.load_adapters({k: v.astype(np.float32) for k, v in adapted.adapter_arrays().items()})
+    merged.load_adapters({k: v.astype(np.float32) for k, v in adapter_arrays(adapted).items()})
     got = merged.forward(texts)[0]
     assert not torch.allclose(want, Encoder("minilm", layers=1).forward(texts)[0], atol=1e-3)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
@@ -166,7 +167,7 @@ def test_fast_bert_matches_transformers(dtype, tol):
     """The lean inference path embeds as transformers' BertModel does, padding and all."""
     import torch
 
-    from ssjf.proxy import Encoder
+    from ssjf.proxy.encoder import Encoder
 
     enc = Encoder("minilm", layers=3, dtype=dtype)
     texts = ["hi", "Write a detailed essay about the history of jazz, with dates and names.", "Name one fact."]
@@ -186,7 +187,7 @@ def test_fast_bert_matches_transformers(dtype, tol):
 
 def test_the_encoder_dtype_follows_the_hardware_whatever_the_artifact_was_trained_in(monkeypatch):
     import ssjf.cpus
-    from ssjf.proxy import encoder_dtype
+    from ssjf.proxy.encoder import encoder_dtype
 
     minilm = {"name": "minilm", "dtype": "bfloat16"}
     monkeypatch.setattr(ssjf.cpus, "native_bf16", lambda: True)
@@ -217,7 +218,7 @@ def test_last_token_pooling_on_the_served_llm():
     (right padding) or alone, and kept when a long prompt is cut."""
     import torch
 
-    from ssjf.proxy import Encoder
+    from ssjf.proxy.encoder import Encoder
 
     enc = Encoder("smollm2", layers=2, pooling="last", max_length=40)
     texts = ["hi", "Write a detailed essay about the history of jazz, with dates and names, please."]

@@ -9,7 +9,7 @@ from conftest import ListSink
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.metrics import Metrics
-from ssjf.model_runner import ModelRunner
+from ssjf.runners.torch.runner import ModelRunner
 from ssjf.serving import parse_llm_inputs
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -194,6 +195,20 @@ def admin_key(environ: dict[str, str] | None = None) -> str:
     return environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16)
 
 
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that are free on host right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @dataclass
 class ServerConfig:
     http_port: int = 8000
@@ -217,8 +232,6 @@ class ServerConfig:
 
     @classmethod
     def on_free_ports(cls, **kw) -> "ServerConfig":
-        from .server import free_ports
-
         http, grpc, metrics = free_ports(3)
         return cls(http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)
 

@@ -31,15 +31,12 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .policy import UNKNOWN_LENGTH
-from .request import LLMInputs, Request, RequestStatus
-from .runner import Runner, StepOutput, make_runner
+from .request import LLMInputs, Request, RequestError, RequestStatus
+from .runners import make_runner
+from .runners.base import Runner, StepOutput
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as asked (the message names the field)."""
 
 
 class Engine:

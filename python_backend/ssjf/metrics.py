@@ -4,16 +4,54 @@
 `pb_utils.MetricFamily` on Triton's /metrics endpoint, every family labelled by policy.
 Each update is an IPC round trip in Triton's stub, so the updates run through `run` (the
 responder's queue, off the engine thread) and gauges are set only when they change.
+`RankWindow` keeps the last N finished requests' (predicted, true) lengths and says how well the
+predictions rank them (Kendall tau) and size them (MAE): the live view of the proxy on this
+traffic (and ssrpt's check that the predictions are worth preempting on).
 Server-side times start when execute() receives the request.
 """
 
 from __future__ import annotations
 
-from .learner import RankWindow
+import collections
+
+import numpy as np
+from scipy import stats
+
 from .request import Request
 
 TIME_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250]
 ERROR_BUCKETS = [-1024, -512, -256, -128, -64, -32, -16, 0, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def kendall_tau(pred, true) -> float:
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(true) == 0:
+        return 0.0
+    return float(stats.kendalltau(pred, true).statistic)
+
+
+class RankWindow:
+    """(predicted, true) lengths of the last `size` finished requests."""
+
+    def __init__(self, size: int = 500):
+        self.pairs: collections.deque[tuple[int, int]] = collections.deque(maxlen=size)
+
+    def add(self, predicted: int | None, true: int) -> None:
+        if predicted is not None and predicted > 0 and true > 0:
+            self.pairs.append((predicted, true))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def kendall_tau(self) -> float:
+        pred, true = zip(*self.pairs) if self.pairs else ((), ())
+        return kendall_tau(pred, true)
+
+    def mae_tokens(self) -> float:
+        if not self.pairs:
+            return 0.0
+        a = np.asarray(self.pairs, dtype=np.float64)
+        return float(np.mean(np.abs(a[:, 0] - a[:, 1])))
 
 
 class Metrics:

@@ -26,7 +26,7 @@ import math
 import time
 from typing import Callable, Iterator
 
-from .learner import RankWindow
+from .metrics import RankWindow
 from .request import Request
 
 # Key for a request whose length is unknown (no prediction): a typical chat answer.

@@ -11,6 +11,16 @@ from typing import Any, Protocol
 _arrivals = itertools.count()
 
 
+class RequestError(ValueError):
+    """A request that cannot be served as asked. Its message starts with the field at fault
+    ("max_tokens: must be >= 1"); `field` is that name ("queue full", "server shutting down" and
+    other messages about the server, not a field, give theirs whole before any colon)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field or message.split(":", 1)[0].split("[", 1)[0]
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

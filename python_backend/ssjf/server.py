@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -27,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from .assets import _package_dir
-from .config import ServerConfig, cache_dir
+from .config import ServerConfig, cache_dir, free_ports
 
 RESTRICTED = "model-repository,shared-memory,trace,logging"  # the admin APIs
 
@@ -96,19 +95,6 @@ def command(config: ServerConfig) -> list[str]:
         f"--log-verbose={config.log_verbose}",
         *config.extra_args,
     ]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that are free on host right now."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def is_ready(http_url: str, timeout: float = 1.0) -> bool:

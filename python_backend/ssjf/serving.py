@@ -13,8 +13,7 @@ import re
 
 import numpy as np
 
-from .engine import RequestError
-from .request import LLMInputs
+from .request import LLMInputs, RequestError
 
 LLM_INPUTS = ("text_input", "messages", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature",
               "priority", "proxy_features")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ssjf.server import ServerConfig, TritonServer, free_ports
+from ssjf.config import free_ports
+from ssjf.server import ServerConfig, TritonServer
 from ssjf_client import SSJFClient
 from ssjf_client.client import scrape_metrics
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ssjf.server import free_ports, is_ready, is_running, stub_processes
+from ssjf.config import free_ports
+from ssjf.server import is_ready, is_running, stub_processes
 from ssjf_client import SSJFClient
 
 KEY = "test-admin-key"

@@ -21,12 +21,13 @@ from .data import load_rows, parse_data_spec, response_lengths
 from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 
+from .embeddings import cached_encode, encode_cached
 from .report import emit
 from .split import held_out
 
 
 def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
-    from ssjf.learner import kendall_tau
+    from ssjf.metrics import kendall_tau
 
     pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
     constant = np.ptp(pred) == 0
@@ -42,7 +43,7 @@ def proxy_metrics(pred: np.ndarray, true: np.ndarray, edges) -> dict:
 def prompt_ceiling(prompts: list[str], true: np.ndarray, rows=None) -> dict | None:
     """Over `rows` (default all): Kendall tau of each prompt's mean log length, and of the mean of
     its other answers (rows whose prompt recurs), against the true lengths; None when no prompt recurs."""
-    from ssjf.learner import kendall_tau
+    from ssjf.metrics import kendall_tau
 
     y = np.log1p(np.asarray(true, dtype=np.float64))
     _, group = np.unique(prompts, return_inverse=True)
@@ -63,8 +64,9 @@ def online_replay(predictor, x: np.ndarray, true: np.ndarray, edges, refresh_eve
                   windows: int = 8, ahead: int = 200) -> dict:
     """The serving refresh, offline, with the server's own learner: each block of rows is predicted
     by the head in use, then its true lengths are learned and the head refitted
-    (ssjf.learner.OnlineHead over the features the proxy sends, its own prediction last)."""
-    from ssjf.learner import LastColumn, OnlineHead, kendall_tau
+    (ssjf.proxy.learner.OnlineHead over the features the proxy sends, its own prediction last)."""
+    from ssjf.metrics import kendall_tau
+    from ssjf.proxy.learner import LastColumn, OnlineHead
 
     base = predictor.head.predict_log(x)
     served = np.hstack([x, base[:, None]]).astype(np.float32)  # what the proxy sends the llm
@@ -161,14 +163,14 @@ def main(argv=None) -> dict:
     models = [r.model for r in rows] if predictor.models else None
     edges = meta["bucket_edges"]
     if args.online:
-        report = online_replay(predictor, predictor.features(prompts, models, cached=True), true, edges,
+        report = online_replay(predictor, predictor.features(prompts, models, cached_encode(predictor)), true, edges,
                                args.refresh_every, args.window)
     else:
-        report = proxy_metrics(predictor.predict(prompts, models, cached=True), true, edges)
+        report = proxy_metrics(predictor.predict(prompts, models, cached_encode(predictor)), true, edges)
     half = np.arange(len(true) // 2, len(true)) if args.online else None
     report["prompt_ceiling"] = prompt_ceiling(prompts, true, half)  # over the rows kendall_tau is over
     report["p50_latency_ms"] = latency_ms(predictor, prompts)
-    plen = predictor.encoder.encode_cached(prompts)[1]
+    plen = encode_cached(predictor.encoder, prompts)[1]
     report["baselines"] = {
         "constant_mean": proxy_metrics(np.full(len(true), meta.get("train_mean_length", true.mean())), true, edges),
         "prompt_length": proxy_metrics(plen, true, edges),

@@ -27,7 +27,7 @@ import torch
 from ssjf.config import EngineConfig
 from ssjf.cpus import machine
 from ssjf.engine import Engine
-from ssjf.model_runner import ModelRunner
+from ssjf.runners.torch.runner import ModelRunner
 from ssjf.request import NullSink, Request
 
 from .bench_engine import PROMPTS, bench_engine, bench_hf_generate
@@ -115,7 +115,7 @@ def check_proxy(src: Path, device: str) -> dict:
     from transformers import AutoConfig, AutoModel
 
     from ssjf.cpus import resolve_dtype
-    from ssjf.proxy import FastBert
+    from ssjf.proxy.encoder import FastBert
 
     model = AutoModel.from_config(AutoConfig.from_pretrained(src)).eval().to(device, resolve_dtype("auto", device))
     fast = FastBert(model) if FastBert.supports(model) else model

@@ -25,9 +25,11 @@ import numpy as np
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
+from .embeddings import encode_cached
 from .split import in_test_split, prompt_digest, split_key, split_meta
 from .train_proxy import OBJECTIVES, fit_head, pooled_targets, standardise
-from ssjf.proxy import Encoder, Head, features
+from ssjf.proxy.encoder import Encoder
+from ssjf.proxy.head import Head, features
 
 TARGETS = ("log", "source-z")
 
@@ -122,7 +124,7 @@ def main(argv=None) -> dict:
         ap.error("leave-one-source-out needs at least two sources")
     t0 = time.time()
     encoder = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype, args.pooling)
-    emb, plen = encoder.encode_cached([p for s in sources for p in s.prompts])
+    emb, plen = encode_cached(encoder, [p for s in sources for p in s.prompts])
     x = features(emb, plen)
     print(" ".join(f"{s.name}:{len(s.prompts)}/{int(s.first.sum())}" for s in sources),
           f"rows/prompts; features in {time.time() - t0:.0f}s", flush=True)

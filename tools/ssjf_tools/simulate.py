@@ -33,7 +33,7 @@ from scipy import stats
 
 from ssjf.engine import Engine
 from ssjf.request import NullSink, Request
-from ssjf.runner import StepOutput
+from ssjf.runners.base import StepOutput
 
 from .bench import (TEMPLATE_TOKENS, Job, combine_rounds, load_workload, markdown, round_arrivals, sjf_limit,
                     summarize, workload_args)
@@ -76,7 +76,7 @@ class _NoText:
 
 
 class CostModelRunner:
-    """A Runner (ssjf.runner) whose forward pass is a cost model: admit() and step() move the
+    """A Runner (ssjf.runners.base) whose forward pass is a cost model: admit() and step() move the
     virtual clock by what that prefill or decode step costs and give each request one token. A
     job's last token is EOS, unless it ignores EOS, when its max_tokens ends it."""
 
@@ -192,6 +192,8 @@ def main(argv=None) -> dict:
     from .data import count_tokens
     from ssjf.proxy import LengthPredictor
 
+    from .embeddings import cached_encode
+
     ap = argparse.ArgumentParser(prog="ssjf simulate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(ap, required=False)
@@ -232,7 +234,8 @@ def main(argv=None) -> dict:
     if args.constant_prediction:
         predictions = [args.constant_prediction] * len(lengths)
     elif args.noise_sigma is None:
-        predictions = [int(x) for x in LengthPredictor(args.artifact).predict(prompts, cached=True)]
+        predictor = LengthPredictor(args.artifact)
+        predictions = [int(x) for x in predictor.predict(prompts, encode=cached_encode(predictor))]
     else:
         noise = np.random.default_rng(args.seed).normal(0.0, args.noise_sigma, len(lengths))
         predictions = [max(1, round(n * np.exp(e))) for n, e in zip(lengths, noise)]

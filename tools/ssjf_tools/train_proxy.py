@@ -29,12 +29,64 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .embeddings import encode_cached
 from .data import load_rows, parse_data_spec, response_lengths
 from .eval_proxy import proxy_metrics
 from .split import in_test_split, split_key, split_meta
-from ssjf.proxy import ADAPTER, Encoder, Head, features, save_artifact, user_artifacts
+from ssjf.proxy.encoder import ADAPTER, Encoder
+from ssjf.proxy.head import Head, features
+from ssjf.proxy.predictor import user_artifacts
 
 OBJECTIVES = ("regression", "classification", "ranking", "hybrid")
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer plus a trainable low-rank update b @ a (b starts at zero)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
+        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.T) @ self.b.T
+
+
+def add_adapters(encoder, rank: int) -> list[torch.nn.Parameter]:
+    """Freeze the encoder, wrap every linear layer of its layer stack in a LoRALinear and
+    unfreeze the stack's LayerNorms; returns the trainable parameters."""
+    for p in encoder.model.parameters():
+        p.requires_grad = False
+    encoder._fast, encoder.lean = None, False
+    stack = encoder.layer_stack()
+    for name, module in list(stack.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(stack.get_submodule(parent_name), attr, LoRALinear(module, rank))
+        elif isinstance(module, torch.nn.LayerNorm):
+            for p in module.parameters():
+                p.requires_grad = True
+    return [p for p in encoder.model.parameters() if p.requires_grad]
+
+
+def adapter_arrays(encoder) -> dict[str, np.ndarray]:
+    """The trained adapters as artifact arrays (float16 low-rank factors, float32 norms)."""
+    out = {}
+    for name, module in encoder.layer_stack().named_modules():
+        if isinstance(module, LoRALinear):
+            out[f"{ADAPTER}{name}.a"] = module.a.detach().numpy().astype(np.float16)
+            out[f"{ADAPTER}{name}.b"] = module.b.detach().numpy().astype(np.float16)
+        elif isinstance(module, torch.nn.LayerNorm):
+            out[f"{ADAPTER}{name}.weight"] = module.weight.detach().numpy().astype(np.float32)
+            out[f"{ADAPTER}{name}.bias"] = module.bias.detach().numpy().astype(np.float32)
+    return out
+
+
+def save_artifact(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """An artifact: the head's arrays (and any adapters) plus `meta`, a JSON string (ssjf.proxy.predictor)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, meta=np.asarray(json.dumps(meta)), **arrays)
 
 
 def _net(dim: int, hidden: int, out: int) -> torch.nn.Module:
@@ -169,7 +221,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
     (None, frozen_tau) when no epoch beats the frozen encoder's validation tau."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    params = encoder.add_adapters(rank)
+    params = add_adapters(encoder, rank)
     net = _net_from(arrays)
     mean, std = torch.tensor(arrays["mean"]), torch.tensor(arrays["std"])
     extra = {k: arrays[k] for k in ("edges", "centers") if k in arrays}
@@ -233,7 +285,7 @@ def finetune(objective: str, arrays: dict[str, np.ndarray], encoder: Encoder, pr
         tau = float(stats.kendalltau(Head(head).predict_log(embed_rows(val_rows)), y[val_rows]).statistic)
         log(f"  finetune epoch {epoch}: val tau {tau:.3f} ({time.time() - t0:.0f}s)")
         if tau > best + 1e-4:
-            best, best_arrays = tau, {**head, **encoder.adapter_arrays()}
+            best, best_arrays = tau, {**head, **adapter_arrays(encoder)}
     return best_arrays, best
 
 
@@ -293,7 +345,7 @@ def main(argv=None) -> dict:
     model_ids = np.array([index.get(r.model, 0) for r in rows]) if model_names else None
     t0 = time.time()
     encoder = Encoder(args.encoder, "cpu", args.max_length, args.encoder_layers, args.encoder_dtype, args.pooling)
-    emb, plen = encoder.encode_cached(prompts)
+    emb, plen = encode_cached(encoder, prompts)
     x = features(emb, plen, model_ids, len(model_names))
     print(f"{len(rows)} rows ({len(set(prompts))} prompts): train {train.sum()}, val {val.sum()}, "
           f"test {test.sum()}; features {x.shape[1]} in {time.time() - t0:.0f}s", flush=True)

@@ -6,8 +6,8 @@ import triton_python_backend_utils as pb_utils
 
 from ssjf.config import EngineConfig, ProxyConfig, default_of, refresh_path
 from ssjf.cpus import bind_process, service_cpus
-from ssjf.learner import CorrectionFile
 from ssjf.proxy import LengthPredictor
+from ssjf.proxy.learner import CorrectionFile
 from ssjf.server import exit_with_parent
 from ssjf.serving import model_parameters, parse_messages, prompt_of
 

@@ -10,9 +10,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ssjf.config import EngineConfig, refresh_path
-from ssjf.engine import Engine, RequestError
-from ssjf.learner import Refresher
+from ssjf.engine import Engine
 from ssjf.metrics import TritonMetrics
+from ssjf.proxy.learner import Refresher
+from ssjf.request import RequestError
 from ssjf.responder import Responder
 from ssjf.server import DrainSignal, exit_with_parent
 from ssjf.serving import LLM_INPUTS, check_parameters, model_parameters, parse_llm_inputs
@@ -87,7 +88,7 @@ class TritonPythonModel:
                 self.engine.submit(inputs, self.responder.wrap(sink), request_id=request.request_id() or "",
                                    arrival_time=arrived, timeout_s=request.timeout() / 1e6)  # µs; 0: none
             except RequestError as exc:
-                self.metrics.rejected(str(exc).split(":", 1)[0])
+                self.metrics.rejected(exc.field)
                 self._refuse(request, sink, str(exc))
             except Exception as exc:  # a request that breaks something unforeseen fails alone, with its reason
                 logging.getLogger("ssjf").exception("request %s: refused", request.request_id())

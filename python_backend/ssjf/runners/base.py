@@ -8,9 +8,9 @@ for any reason the engine calls `release`, and the runner frees what it held; wh
 preempted (ssrpt) the engine calls `preempt`, and the runner may keep its cache until it is
 admitted again.
 
-Runners: `torch` (model_runner.ModelRunner: our own forward pass over a static cache, no
-dependencies beyond transformers) and `vllm` (vllm_runner.VllmRunner: vLLM's v1 engine,
-its paged attention and kernels, stepped from the engine thread).
+Runners (`ssjf.runners.make_runner` picks one by name): `torch` (runners/torch: our own forward
+pass over a static cache, no dependencies beyond transformers) and `vllm` (runners/vllm.py:
+vLLM's v1 engine, its paged attention and kernels, stepped from the engine thread).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .config import EngineConfig
-from .request import Request
+from ..request import Request
 
 
 @dataclass
@@ -51,16 +50,3 @@ class Runner(Protocol):
         """req gave its batch place back and will be admitted again with its prompt plus what it
         generated. The runner frees the place; it may keep the cache so that admit() resumes req
         without a prefill (listed in StepOutput.resumed), or free it as release() does."""
-
-
-def make_runner(config: EngineConfig) -> Runner:
-    """The runner config.runner names."""
-    if config.runner == "torch":
-        from .model_runner import ModelRunner
-
-        return ModelRunner(config)
-    if config.runner == "vllm":
-        from .vllm_runner import VllmRunner
-
-        return VllmRunner(config)
-    raise ValueError(f"unknown runner {config.runner!r}")

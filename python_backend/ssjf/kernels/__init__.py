@@ -9,7 +9,9 @@ time here, and index_put's scatter of the new K/V cost as much again as the atte
 The source below is compiled once per machine (`-march=native`) with the system C compiler into
 the cache directory and loaded with ctypes; it runs on torch's own OpenMP team (torch ships
 libgomp, and the library binds to the copy already loaded). Where no compiler is present the
-runner keeps torch's kernels (`library()` is None).
+runner keeps torch's kernels (`library()` is None). `linear.py` picks, per weight, the fastest
+matrix product this machine has (these kernels, oneDNN's packed layout, or int8), for the torch
+runner and the proxy alike.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 
-from .config import cache_dir
+from ..config import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +517,7 @@ def library() -> ctypes.CDLL | None:
     directory after; None where there is no C compiler or the build fails."""
     import torch  # its libgomp first, so the library binds to it
 
-    from .cpus import cpu_flags
+    from ..cpus import cpu_flags
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

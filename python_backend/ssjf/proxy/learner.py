@@ -1,9 +1,5 @@
 """Learning from served traffic: how well the proxy ranks, and a head that refreshes itself.
 
-`RankWindow` keeps the last N finished requests' (predicted, true) lengths and says how well the
-predictions rank them (Kendall tau) and size them (MAE): the live view of the proxy on this
-traffic, which the llm model publishes as metrics.
-
 `OnlineHead` learns a correction to an artifact's head from requests whose true length is now
 known: predicted log length = base head + a linear map of the same features, fitted by ridge
 regression on a bounded window of recent rows. The prior is the shipped head itself (a zero
@@ -30,49 +26,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-from .config import EngineConfig
+from ..config import EngineConfig
+from ..metrics import kendall_tau
 
 
 log = logging.getLogger(__name__)
-
-
-def kendall_tau(pred, true) -> float:
-    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(true) == 0:
-        return 0.0
-    return float(stats.kendalltau(pred, true).statistic)
 
 
 def correction(fit, x: np.ndarray) -> np.ndarray:
     """A learned correction (mean, std, coef, bias) of the log length for features x."""
     mean, std, coef, bias = fit
     return ((x - mean) / std) @ coef + bias
-
-
-class RankWindow:
-    """(predicted, true) lengths of the last `size` finished requests."""
-
-    def __init__(self, size: int = 500):
-        self.pairs: collections.deque[tuple[int, int]] = collections.deque(maxlen=size)
-
-    def add(self, predicted: int | None, true: int) -> None:
-        if predicted is not None and predicted > 0 and true > 0:
-            self.pairs.append((predicted, true))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def kendall_tau(self) -> float:
-        pred, true = zip(*self.pairs) if self.pairs else ((), ())
-        return kendall_tau(pred, true)
-
-    def mae_tokens(self) -> float:
-        if not self.pairs:
-            return 0.0
-        a = np.asarray(self.pairs, dtype=np.float64)
-        return float(np.mean(np.abs(a[:, 0] - a[:, 1])))
 
 
 class OnlineHead:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import EngineConfig
-from .cpus import EngineThreads
-from .request import Request
-from .runner import StepOutput
+from ..config import EngineConfig
+from ..cpus import EngineThreads
+from ..request import Request
+from .base import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class VllmRunner:
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
-        from .assets import resolve_llm
-        from .cpus import resolve_dtype
-        from .model_runner import eos_ids
+        from ..assets import resolve_llm
+        from ..cpus import resolve_dtype
+        from .torch.model import eos_ids
 
         path = resolve_llm(config.model)
         device = torch.device(config.device)
