@@ -13,6 +13,7 @@ Extension: `priority` (an integer class, lower first), as vLLM takes it.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -147,12 +148,15 @@ class OpenAIServer:
     """The app and its uvicorn server on a thread of its own (start / stop)."""
 
     def __init__(self, host: str, port: int, grpc_url: str, model_name: str, tokenizer=None,
-                 request_timeout_s: float = 600.0):
+                 request_timeout_s: float = 600.0, cpus: set[int] | None = None):
+        """cpus: the cores the API's thread runs on (on a CPU host, those the engine leaves free)."""
         self.host, self.port, self.grpc_url, self.model_name = host, port, grpc_url, model_name
         self.tokenizer = tokenizer
         self.request_timeout_s = request_timeout_s
+        self.cpus = cpus
         self._server = None
         self._thread: threading.Thread | None = None
+        self._client = None  # one gRPC channel for every request, opened on the server's event loop
 
     def count(self, text: str | None = None, messages: str | None = None) -> int:
         if self.tokenizer is None:
@@ -204,14 +208,15 @@ class OpenAIServer:
         import tritonclient.grpc.aio as aio
         from tritonclient.utils import InferenceServerException
 
-        client = aio.InferenceServerClient(self.grpc_url)
+        if self._client is None:
+            self._client = aio.InferenceServerClient(self.grpc_url)
         request = {"model_name": "ssjf", "inputs": triton_inputs(fields), "request_id": uuid.uuid4().hex,
                    "enable_empty_final_response": True, "timeout": int(self.request_timeout_s * 1e6)}
 
         async def one():
             yield request
 
-        stream = client.stream_infer(one())
+        stream = self._client.stream_infer(one())
         try:
             async for result, error in stream:
                 if error is not None:
@@ -226,11 +231,9 @@ class OpenAIServer:
             raise APIError(503, f"server not available: {exc.message()}", kind="server_error") from None
         finally:
             stream.cancel()  # a client gone mid-stream ends the gRPC call here
-            await client.close()
 
-    def _usage(self, fields: dict, text: str) -> dict:
+    def _usage(self, fields: dict, completion: int) -> dict:
         prompt = self.count(text=fields.get("text_input"), messages=fields.get("messages"))
-        completion = self.count(text=text)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def _collect(self, fields: dict) -> tuple[str, str, dict]:
@@ -241,13 +244,15 @@ class OpenAIServer:
                 break
         parts.append("" if scan.hit else scan.flush())
         text = "".join(parts)
-        return text, self._finish_reason(fields, text, scan.hit), self._usage(fields, text)
+        tokens = self.count(text=text)
+        return text, self._finish_reason(fields, tokens, scan.hit), self._usage(fields, tokens)
 
-    def _finish_reason(self, fields: dict, text: str, stopped: bool) -> str:
+    @staticmethod
+    def _finish_reason(fields: dict, tokens: int, stopped: bool) -> str:
         if stopped:
             return "stop"
         limit = fields.get("max_tokens")
-        return "length" if limit is not None and self.count(text=text) >= limit else "stop"
+        return "length" if limit is not None and tokens >= limit else "stop"
 
     def _final(self, fields, chat, text, finish, usage) -> dict:
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -289,11 +294,11 @@ class OpenAIServer:
             if rest:
                 sent.append(rest)
                 yield chunk(rest)
-            text = "".join(sent)
-            yield chunk(finish=self._finish_reason(fields, text, scan.hit))
+            tokens = self.count(text="".join(sent))
+            yield chunk(finish=self._finish_reason(fields, tokens, scan.hit))
             if fields["_usage_in_stream"]:
                 usage = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [],
-                         "usage": self._usage(fields, text)}
+                         "usage": self._usage(fields, tokens)}
                 yield f"data: {json.dumps(usage)}\n\n"
         except APIError as exc:  # after the headers: the error goes in the stream, as OpenAI's servers do
             yield f"data: {json.dumps(exc.body())}\n\n"
@@ -305,7 +310,7 @@ class OpenAIServer:
 
         config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="ssjf-openai", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ssjf-openai", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
@@ -313,6 +318,11 @@ class OpenAIServer:
         if not self._server.started:
             raise RuntimeError(f"the OpenAI API could not listen on {self.host}:{self.port}")
         return self
+
+    def _run(self) -> None:
+        if self.cpus:  # this thread only (and the gRPC threads it starts): the engine keeps its cores
+            os.sched_setaffinity(0, self.cpus)
+        self._server.run()
 
     def stop(self) -> None:
         if self._server is not None:

@@ -294,13 +294,15 @@ class Supervisor:
 
         from .assets import resolve_llm
         from .config import EngineConfig
+        from .cpus import service_cpus
         from .openai_api import OpenAIServer
 
         engine = EngineConfig.from_strings({}, self.env)
         tokenizer = AutoTokenizer.from_pretrained(resolve_llm(engine.model))
         host = "127.0.0.1" if self.config.host == "0.0.0.0" else self.config.host
+        cpus = service_cpus() if engine.device == "cpu" else None  # off the engine's cores, as Triton's own threads
         api = OpenAIServer(self.config.host, self.config.openai_port, f"{host}:{self.config.grpc_port}",
-                           engine.model, tokenizer, engine.request_timeout_s).start()
+                           engine.model, tokenizer, engine.request_timeout_s, cpus).start()
         self.log(f"OpenAI API on {self.config.host}:{self.config.openai_port} (model {engine.model!r})")
         return api
 
