@@ -13,6 +13,7 @@ the parameters, then the environment wins.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 from dataclasses import MISSING, dataclass, field, fields
@@ -197,13 +198,34 @@ def admin_key(environ: dict[str, str] | None = None) -> str:
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that are free on host right now."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
+    """n distinct ports that are free on host right now, chosen below the kernel's ephemeral range.
+    The server binds them only after its models load, and in between the vllm runner (vLLM opens a
+    socket on a free ephemeral port when its engine starts), any outgoing connection, or another
+    server's start may take an ephemeral port: Triton then failed to bind its metrics port and
+    stopped serving gRPC. Below the range nothing is handed out by chance."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    ports: list[int] = []
+    for _ in range(200 * n):
+        if len(ports) == n:
+            return ports
+        port = rng.randrange(10000, max(low, 10001 + n))
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+    socks = [socket.socket() for _ in range(n - len(ports))]  # below the range is crowded: any free ones
+    for s in socks:
         s.bind((host, 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
+    ports += [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
     return ports

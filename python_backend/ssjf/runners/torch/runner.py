@@ -200,8 +200,16 @@ class ModelRunner:
         x = self.embed(tok)[:, None]
         if self.fast_attention:  # kernels.decode_attention: rotary, cache write, attention over each row's span
             return self._decode_fast(x, b, rows, pos, cos, sin)
-        span = int(max(positions)) + 1
+        span = int(max(positions)) + 1  # attention over the live span only
         mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
+        return self._decode_sdpa(x, rows, pos, cos, sin, mask, span, compact)
+
+    def _decode_sdpa(self, x, rows, pos, cos, sin, mask, span: int, compact: bool = True) -> torch.Tensor:
+        """The decode layers with torch's attention over each row's first `span` cached positions:
+        the eager step (span = the batch's live span) and the graph-captured one (span = the whole
+        cache, masked, so that no shape depends on the step). Compact rows (0..B-1) read the cache
+        through a view; others gather theirs."""
+        b = x.shape[0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(i, attn, layer.input_layernorm(x), b, 1)
@@ -268,23 +276,10 @@ class ModelRunner:
 
     def _decode_static(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """decode() for slots 0..B-1 with every shape fixed by B alone (what a graph captures)."""
-        b = tok.shape[0]
         mask = (self.positions <= pos[:, None])[:, None, None, :]  # [B, 1, 1, max_seq_len]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        rows = self.slot_ids[:b]
-        x = self.embed(tok)[:, None]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(i, attn, layer.input_layernorm(x), b, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.k_cache[i][rows, :, pos] = k[:, :, 0]
-            self.v_cache[i][rows, :, pos] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(q.view(b, self.num_kv_heads, self.group, self.head_dim),
-                                                 self.k_cache[i, :b], self.v_cache[i, :b], attn_mask=mask,
-                                                 scale=self.scaling)
-            x = x + self.fused[i]["o"](out.reshape(b, 1, -1))
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-        return self.head(self.norm(x[:, 0])).float()
+        return self._decode_sdpa(self.embed(tok)[:, None], self.slot_ids[: tok.shape[0]], pos, cos, sin, mask,
+                                 self.max_seq_len)
 
     def _static(self, size: int):
         """(token buffer, position buffer, run) for one bucket; run() fills the logits buffer. On
