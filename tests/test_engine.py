@@ -11,7 +11,7 @@ from conftest import ListSink
 from ssjf.config import EngineConfig
 from ssjf.engine import Engine, RequestError
 from ssjf.runners.torch.runner import ModelRunner
-from ssjf.request import LLMInputs, Request, RequestStatus
+from ssjf.request import LLMInputs, Request, RequestStatus, Sampling
 
 PROMPTS = ["hello there", "a much longer prompt about the sea, the sky, the wind and more", "x",
            "What is 2+2?", "tell me a story about a dragon", "ok"]
@@ -341,7 +341,7 @@ def test_requests_past_their_deadline_end_with_an_error(backend):
 def test_tiny_temperatures_sample_greedily_instead_of_overflowing(backend):
     engine = backend.engine()
     r = Request("t", engine.encode_prompt("hello there"), max_tokens=6, sink=ListSink(), ignore_eos=True,
-                temperature=1e-30)
+                sampling=Sampling(temperature=1e-30))
     engine.add_request(r)
     engine.run_until_idle()
     assert r.status is RequestStatus.FINISHED
@@ -650,3 +650,37 @@ def test_queued_work_is_predicted_tokens_waiting_plus_predicted_remainders(tiny_
     engine.step()  # one admitted (one slot), one token generated
     running = engine.scheduler.running[0]
     assert engine.queued_work() == 10 + 20 + 200 - len(running.output_ids)  # capped by max_tokens (unknown: 256)
+
+
+def test_top_k_1_and_a_tiny_top_p_sample_the_greedy_token_and_a_seed_repeats_a_draw(backend):
+    """Sampling at temperature 1: top_k=1, or a nucleus so small it holds only the most likely
+    token, gives exactly the greedy tokens; the same seed gives the same draw whatever the request
+    is batched with, and another seed (almost surely) another."""
+    engine = backend.engine()
+    prompt = engine.encode_prompt(PROMPTS[4])
+
+    def run(*samplings):
+        reqs = [Request(f"r{i}", list(prompt), max_tokens=12, sink=ListSink(), ignore_eos=True, sampling=s)
+                for i, s in enumerate(samplings)]
+        for r in reqs:
+            engine.add_request(r)
+        engine.run_until_idle()
+        assert all(r.status is RequestStatus.FINISHED for r in reqs)
+        return [r.output_ids for r in reqs]
+
+    greedy = backend.reference(prompt, 12)
+    top_k, top_p = run(Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=1e-6))
+    assert top_k == greedy and top_p == greedy
+    alone, = run(Sampling(temperature=1.0, seed=7))
+    batched = run(Sampling(temperature=1.0, seed=7), Sampling(temperature=1.0, seed=8), Sampling(temperature=1.0))
+    assert batched[0] == alone
+    assert batched[1] != alone
+
+
+def test_sampling_values_are_checked_once_and_name_their_field(tiny_model, tokenizer):
+    engine = Backend("torch", tiny_model, tokenizer).engine()
+    for bad, field in ((Sampling(top_p=0.0), "top_p"), (Sampling(top_p=1.5), "top_p"), (Sampling(top_k=-1), "top_k"),
+                       (Sampling(seed=-3), "seed"), (Sampling(temperature=float("nan")), "temperature")):
+        with pytest.raises(RequestError) as err:
+            engine.submit(LLMInputs(text="hi", sampling=bad), ListSink())
+        assert err.value.field == field and str(err.value).startswith(f"{field}: ")

@@ -25,6 +25,8 @@ def test_chat_maps_to_messages_and_the_token_limits():
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "priority": 0.5}, "priority"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": "s"}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 2.5}, "top_k"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": "0.9"}, "top_p"),
 ])
 def test_bad_fields_are_named(body, param):
     with pytest.raises(APIError) as exc:
@@ -46,3 +48,12 @@ def test_stop_strings_end_the_text_even_across_pieces():
     scan = StopScan(["END"])
     assert scan.feed("Hello E") + scan.flush() == "Hello E" and not scan.hit
     assert StopScan([]).feed("anything") == "anything"
+
+
+def test_sampling_fields_reach_the_ensembles_inputs():
+    from ssjf.openai_api import triton_inputs
+
+    f = parse_body({"prompt": "hi", "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 3}, chat=False)
+    sent = {t.name(): t.datatype() for t in triton_inputs(f)}
+    assert {k: sent[k] for k in ("temperature", "top_p", "top_k", "seed")} == \
+        {"temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "seed": "INT64"}

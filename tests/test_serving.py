@@ -160,3 +160,42 @@ def test_priority_is_parsed_and_carried_to_the_request(engine):
     assert admit(engine, {"text_input": text("hi")}).priority == 0
     with pytest.raises(RequestError, match="^priority: expected an integer"):
         admit(engine, {"text_input": text("hi"), "priority": np.array([[0.5]], dtype=np.float32)})
+
+
+def test_the_input_table_matches_both_configs_the_ensemble_maps_and_the_client():
+    """serving.INPUTS is the one statement of the llm's inputs: both config.pbtxt files, the
+    ensemble's input maps and the client's tensors must agree with it."""
+    import re
+    from pathlib import Path
+
+    from ssjf.config import ServerConfig
+    from ssjf.serving import INPUTS
+    from ssjf_client.client import build_inputs
+
+    repo = Path(ServerConfig().model_repository)
+
+    def declared(model):
+        text = (repo / model / "config.pbtxt").read_text()
+        block = text[text.index("input ["):text.index("output [")]
+        return {m[0]: (m[1], int(m[2])) for m in re.findall(r'name: "(\w+)", data_type: TYPE_(\w+), dims: \[ (-?\d+) \]', block)}
+
+    assert declared("llm") == {i.name: (i.triton_type, i.dims) for i in INPUTS}
+    assert declared("ssjf") == {i.name: (i.triton_type, i.dims) for i in INPUTS if i.client}
+    ensemble = (repo / "ssjf" / "config.pbtxt").read_text()
+    llm_step = ensemble[ensemble.index('model_name: "llm"'):]
+    assert set(re.findall(r'input_map \{ key: "(\w+)"', llm_step)) == {i.name for i in INPUTS}
+    sent = build_inputs("hi", max_tokens=4, ignore_eos=True, temperature=0.5, priority=1, top_p=0.9, top_k=5, seed=7)
+    sent += [t for t in build_inputs(None, messages=[{"role": "user", "content": "hi"}]) if t.name() == "messages"]
+    triton = {"STRING": "BYTES"}
+    assert {t.name(): t.datatype() for t in sent} == {i.name: triton.get(i.triton_type, i.triton_type)
+                                                     for i in INPUTS if i.client}
+
+
+def test_top_p_top_k_and_seed_convert_into_the_sampling_object():
+    p = parse_llm_inputs({"text_input": np.array([[b"hi"]], dtype=object), "temperature": np.array([[0.7]], np.float32),
+                          "top_p": np.array([[0.9]], np.float32), "top_k": np.array([[40]], np.int32),
+                          "seed": np.array([[12345678901]], np.int64)})
+    assert (p.sampling.temperature, p.sampling.top_k, p.sampling.seed) == (pytest.approx(0.7), 40, 12345678901)
+    assert p.sampling.top_p == pytest.approx(0.9)
+    with pytest.raises(RequestError, match="^top_k: expected an integer"):
+        parse_llm_inputs({"text_input": np.array([[b"hi"]], dtype=object), "top_k": np.array([[1.5]], np.float32)})

@@ -32,7 +32,8 @@ class GenerateResult:
 
 def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, module=grpcclient,
-                 messages: list[dict[str, str]] | None = None, priority: int | None = None) -> list:
+                 messages: list[dict[str, str]] | None = None, priority: int | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> list:
     """The ensemble's input tensors (batch dimension 1): a prompt, or a conversation (`messages`:
     [{"role": "system" | "user" | "assistant", "content": ...}], the last turn the user's)."""
     def tensor(name, value, dtype, triton_type):
@@ -53,6 +54,12 @@ def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: 
         inputs.append(tensor("temperature", temperature, np.float32, "FP32"))
     if priority is not None:  # a class: lower is served first; the length key orders within it
         inputs.append(tensor("priority", priority, np.int32, "INT32"))
+    if top_p is not None:
+        inputs.append(tensor("top_p", top_p, np.float32, "FP32"))
+    if top_k is not None:
+        inputs.append(tensor("top_k", top_k, np.int32, "INT32"))
+    if seed is not None:
+        inputs.append(tensor("seed", seed, np.int64, "INT64"))
     return inputs
 
 
@@ -80,14 +87,16 @@ class SSJFClient:
     def generate(self, prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, timeout: float = 600.0,
                  on_text: Callable[[str], None] | None = None, deadline_s: float | None = None,
-                 messages: list[dict[str, str]] | None = None, priority: int | None = None) -> GenerateResult:
+                 messages: list[dict[str, str]] | None = None, priority: int | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> GenerateResult:
         """One request: a prompt, or (prompt None) a conversation in `messages`; `timeout` bounds the
         wait here, `deadline_s` is sent to the server, which ends the request with a "deadline
         exceeded" error once it has run that long (ensemble included)."""
         result = GenerateResult()
         start = time.perf_counter()
         self.client.async_stream_infer(
-            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages, priority=priority),
+            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages, priority=priority,
+                                     top_p=top_p, top_k=top_k, seed=seed),
             enable_empty_final_response=True, timeout=int(deadline_s * 1e6) if deadline_s else None,
         )
         deadline = start + timeout

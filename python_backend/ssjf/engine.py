@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 
@@ -89,15 +88,14 @@ class Engine:
             raise RequestError(f"text_input: {inputs.text_bytes} bytes is over the limit of {limit} (max_prompt_bytes)")
         if not inputs.text.strip():
             raise RequestError("messages: the last user turn is empty" if inputs.messages else "text_input: the prompt is empty")
-        if not math.isfinite(inputs.temperature) or inputs.temperature < 0:
-            raise RequestError(f"temperature: must be a finite number >= 0, got {inputs.temperature}")
+        inputs.sampling.check()
         predicted = inputs.predicted_length
         if predicted is not None and predicted < 1:  # the proxy's "no prediction" (it failed on this prompt)
             self.metrics.proxy_fallback()
             predicted = None
         req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text, inputs.messages),
                       max_tokens=inputs.max_tokens,
-                      sink=sink, ignore_eos=inputs.ignore_eos, temperature=inputs.temperature, stream=inputs.stream,
+                      sink=sink, ignore_eos=inputs.ignore_eos, sampling=inputs.sampling, stream=inputs.stream,
                       predicted_length=predicted, features=inputs.features, priority=inputs.priority,
                       arrival_time=self.clock() if arrival_time is None else arrival_time)
         self.add_request(req, timeout_s)

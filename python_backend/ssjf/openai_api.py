@@ -21,7 +21,10 @@ import uuid
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
-FIELDS = {"text_input", "messages", "max_tokens", "temperature", "priority", "ignore_eos", "stream"}
+from .serving import INPUTS, NUMPY
+
+FIELDS = {"text_input", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "priority", "ignore_eos",
+          "stream"}
 UNSUPPORTED = ("n", "logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias", "echo",
                "best_of", "suffix")
 
@@ -80,11 +83,12 @@ def parse_body(body: dict, chat: bool) -> dict:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise APIError(400, "max_tokens: expected an integer", param="max_tokens")
         out["max_tokens"] = max_tokens
-    for name in ("temperature", "priority"):
+    for name in ("temperature", "top_p", "top_k", "priority"):  # top_k and priority: extensions, as vLLM's
         if body.get(name) is not None:
             value = body[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (name == "priority" and not isinstance(value, int)):
-                raise APIError(400, f"{name}: expected a number", param=name)
+            integer = name in ("top_k", "priority")
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise APIError(400, f"{name}: expected {'an integer' if integer else 'a number'}", param=name)
             out[name] = value
     if body.get("ignore_eos") is not None:
         out["ignore_eos"] = bool(body["ignore_eos"])
@@ -97,6 +101,8 @@ def parse_body(body: dict, chat: bool) -> dict:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise APIError(400, "seed: expected an integer", param="seed")
+    if seed is not None:
+        out["seed"] = seed
     out["_stream"] = bool(body.get("stream"))
     options = body.get("stream_options") or {}
     out["_usage_in_stream"] = bool(options.get("include_usage")) if isinstance(options, dict) else False
@@ -112,12 +118,11 @@ def triton_inputs(fields: dict):
         return t
 
     inputs = [tensor("stream", True, bool, "BOOL")]
-    for name, dtype, kind in (("text_input", np.object_, "BYTES"), ("messages", np.object_, "BYTES"),
-                              ("max_tokens", np.int32, "INT32"), ("temperature", np.float32, "FP32"),
-                              ("priority", np.int32, "INT32"), ("ignore_eos", bool, "BOOL")):
-        if name in fields:
-            value = fields[name].encode("utf-8") if dtype is np.object_ else fields[name]
-            inputs.append(tensor(name, value, dtype, kind))
+    for spec in INPUTS:  # the ensemble's inputs, as serving.INPUTS states them
+        if spec.client and spec.name in fields and spec.name != "stream":
+            dtype = NUMPY[spec.triton_type]
+            value = fields[spec.name].encode("utf-8") if dtype is np.object_ else fields[spec.name]
+            inputs.append(tensor(spec.name, value, dtype, "BYTES" if spec.triton_type == "STRING" else spec.triton_type))
     return inputs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,6 +52,31 @@ class NullSink:
 
 
 @dataclass
+class Sampling:
+    """How each next token is chosen, carried whole from the client's inputs to the runner."""
+
+    temperature: float = 0.0  # 0 (or below 1e-5): greedy
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens whose probability reaches top_p
+    top_k: int = 0  # sample among the k most likely tokens; 0: all
+    seed: int | None = None  # the same seed, prompt and model give the same tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5  # below that, logits / T overflow
+
+    def check(self) -> None:
+        """Every value check of the sampling inputs, each error naming its field."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature: must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise RequestError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k: must be >= 0 (0: every token), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed: must be in [0, 2**63), got {self.seed}")
+
+
+@dataclass
 class LLMInputs:
     """What a client sent, converted from its tensors but not yet validated (Engine.submit does that)."""
 
@@ -58,7 +84,7 @@ class LLMInputs:
     max_tokens: int | None = None  # None: the engine's default
     ignore_eos: bool = False
     stream: bool = False
-    temperature: float = 0.0
+    sampling: Sampling = field(default_factory=Sampling)
     predicted_length: int | None = None  # the proxy's; < 1 means it had none
     text_bytes: int = 0  # the prompt's size as sent, for max_prompt_bytes
     features: Any = None  # the proxy's features (numpy, float32), for the proxy refresh (learner.py)
@@ -69,6 +95,10 @@ class LLMInputs:
         if not self.text_bytes:
             self.text_bytes = len(self.text.encode("utf-8", errors="replace"))
 
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
+
 
 @dataclass
 class Request:
@@ -77,7 +107,7 @@ class Request:
     max_tokens: int | None  # None: the engine's default, clamped to the context
     sink: Sink | None = None
     ignore_eos: bool = False
-    temperature: float = 0.0
+    sampling: Sampling = field(default_factory=Sampling)
     stream: bool = True
     predicted_length: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)

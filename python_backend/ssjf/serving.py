@@ -10,15 +10,55 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from .request import LLMInputs, RequestError
 
-LLM_INPUTS = ("text_input", "messages", "predicted_length", "max_tokens", "ignore_eos", "stream", "temperature",
-              "priority", "proxy_features")
+
+@dataclass(frozen=True)
+class Input:
+    """One input of the llm model: its name (also the LLMInputs field it fills), its Triton type
+    (config.pbtxt's TYPE_<type>), how its value converts, and whether a client sends it (else the
+    ensemble's proxy step adds it). Both config.pbtxt files, the ensemble's maps and the client's
+    tensors are checked against this table (tests/test_serving.py)."""
+
+    name: str
+    triton_type: str
+    kind: str  # text | int | bool | float | features
+    client: bool = True
+    dims: int = 1
+    sampling: bool = False  # a field of LLMInputs.sampling (request.Sampling), not of LLMInputs
+
+
+INPUTS = (
+    Input("text_input", "STRING", "text"),
+    Input("messages", "STRING", "text"),  # JSON [{"role": ..., "content": ...}], instead of text_input
+    Input("predicted_length", "INT32", "int", client=False),
+    Input("max_tokens", "INT32", "int"),
+    Input("ignore_eos", "BOOL", "bool"),
+    Input("stream", "BOOL", "bool"),
+    Input("temperature", "FP32", "float", sampling=True),
+    Input("top_p", "FP32", "float", sampling=True),
+    Input("top_k", "INT32", "int", sampling=True),
+    Input("seed", "INT64", "int", sampling=True),
+    Input("priority", "INT32", "int"),
+    Input("proxy_features", "FP32", "features", client=False, dims=-1),
+)
+LLM_INPUTS = tuple(i.name for i in INPUTS)
+INTERNAL = tuple(i.name for i in INPUTS if not i.client)  # what the ensemble's proxy step adds
 ROLES = ("system", "user", "assistant")
-INTERNAL = ("predicted_length", "proxy_features")  # what the ensemble's proxy step adds
+
+
+def _integer(name: str, value) -> int:
+    if not np.issubdtype(np.asarray(value).dtype, np.integer):
+        raise RequestError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+NUMPY = {"STRING": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": bool, "FP32": np.float32}
+CONVERT = {"int": _integer, "bool": lambda name, value: bool(value), "float": lambda name, value: float(value)}
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -119,19 +159,11 @@ def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
     else:
         size = len(text) if isinstance(text, (bytes, np.bytes_)) else 0
         parsed = LLMInputs(text=decode_text(text), text_bytes=size)
-    for name in ("max_tokens", "predicted_length", "priority"):
-        value = _scalar(name, arrays.get(name))
-        if value is not None:
-            if not np.issubdtype(np.asarray(value).dtype, np.integer):
-                raise RequestError(f"{name}: expected an integer, got {value!r}")
-            setattr(parsed, name, int(value))
-    for name in ("ignore_eos", "stream"):
-        value = _scalar(name, arrays.get(name))
-        if value is not None:
-            setattr(parsed, name, bool(value))
-    temperature = _scalar("temperature", arrays.get("temperature"))
-    if temperature is not None:
-        parsed.temperature = float(temperature)
+    for spec in INPUTS:
+        if spec.kind in CONVERT:
+            value = _scalar(spec.name, arrays.get(spec.name))
+            if value is not None:
+                setattr(parsed.sampling if spec.sampling else parsed, spec.name, CONVERT[spec.kind](spec.name, value))
     features = arrays.get("proxy_features")
     if features is not None and features.size > 1:  # one column: the proxy had none for this prompt
         parsed.features = np.asarray(features, dtype=np.float32).reshape(-1)

@@ -21,7 +21,7 @@ from ssjf.config import EngineConfig
 from .flags import config_args
 from .data import conversation, load_rows
 from ssjf.engine import Engine, RequestError
-from ssjf.request import NullSink, Request
+from ssjf.request import NullSink, Request, Sampling
 
 
 def main(argv=None) -> int:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                     break
                 i, (prompt, source_ids) = item
                 req = Request(f"p{i}", engine.encode_prompt(prompt), max_tokens=args.max_tokens, sink=NullSink(),
-                              temperature=args.temperature)
+                              sampling=Sampling(temperature=args.temperature))
                 try:
                     if req.prompt_len > args.max_prompt_tokens:
                         raise RequestError("prompt too long")

@@ -92,7 +92,9 @@ class VllmRunner:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=req.tokens_left, ignore_eos=req.ignore_eos, temperature=req.temperature,
+        params = req.sampling
+        return SamplingParams(max_tokens=req.tokens_left, ignore_eos=req.ignore_eos, temperature=params.temperature,
+                              top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                               output_kind=RequestOutputKind.DELTA, detokenize=False, skip_special_tokens=False)
 
     @staticmethod

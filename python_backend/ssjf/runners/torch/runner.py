@@ -59,6 +59,7 @@ class ModelRunner:
         preemptive = config.policy in PREEMPTIVE and config.batching == "continuous"
         self.park_slots = list(range(self.num_slots, self.num_slots + (config.park_slots if preemptive else 0)))
         self.parked: dict[int, int] = {}  # a preempted request's seq -> the park slot holding its cache
+        self._generators: dict[int, torch.Generator] = {}  # a seeded request's seq -> its own random stream
         shape = (len(self.layers), self.num_slots + len(self.park_slots), self.num_kv_heads, self.max_seq_len,
                  self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -368,6 +369,7 @@ class ModelRunner:
 
     def release(self, req: Request) -> None:
         self.parked.pop(req.seq, None)
+        self._generators.pop(req.seq, None)
         self._vacate(req)
 
     def _vacate(self, req: Request) -> None:
@@ -385,7 +387,7 @@ class ModelRunner:
         """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
         the ones that fail alone are reported failed, the rest go on."""
         try:
-            tokens = self.sample(forward(reqs), [r.temperature for r in reqs])
+            tokens = self.sample(forward(reqs), reqs)
             return StepOutput(tokens=[(r, [t]) for r, t in zip(reqs, tokens)])
         except Exception as exc:
             if len(reqs) == 1:
@@ -394,7 +396,7 @@ class ModelRunner:
         out = StepOutput()
         for req in reqs:
             try:
-                out.tokens.append((req, self.sample(forward([req]), [req.temperature])))
+                out.tokens.append((req, self.sample(forward([req]), [req])))
             except Exception as exc:
                 out.failed.append((req, exc))
         return out
@@ -404,13 +406,30 @@ class ModelRunner:
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
-    @staticmethod
-    def sample(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
-        """Greedy where temperature is (about) 0, else sampling from softmax(logits / T)."""
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """Greedy where temperature is (about) 0; else a draw from softmax(logits / T) restricted to
+        the top_k most likely tokens and to the nucleus whose probability reaches top_p. A request
+        with a seed draws from a generator of its own, so its tokens repeat whatever it is batched with."""
         tokens = logits.max(dim=-1).indices  # the first maximum, as argmax; on CPU 2-3x faster than argmax
-        hot = [i for i, t in enumerate(temperatures) if t > 1e-5]  # below that, logits / T overflow: greedy
-        if hot:
-            temps = torch.tensor([temperatures[i] for i in hot], device=logits.device)[:, None]
-            probs = torch.softmax(logits[hot] / temps, dim=-1)
-            tokens[hot] = torch.multinomial(probs, 1)[:, 0]
+        for i, req in enumerate(reqs):
+            params = req.sampling
+            if params.greedy:
+                continue
+            row = logits[i].float() / params.temperature
+            if 0 < params.top_k < row.numel():
+                row = row.masked_fill(row < torch.topk(row, params.top_k).values[-1], float("-inf"))
+            probs = torch.softmax(row, dim=-1)
+            if params.top_p < 1.0:
+                ordered, order = torch.sort(probs, descending=True)
+                outside = torch.cumsum(ordered, 0) - ordered >= params.top_p  # the nucleus keeps its first token
+                probs = probs.index_fill(0, order[outside], 0.0)
+            tokens[i] = torch.multinomial(probs, 1, generator=self._generator(req))[0]
         return tokens.tolist()
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.sampling.seed is None:
+            return None
+        gen = self._generators.get(req.seq)
+        if gen is None:
+            gen = self._generators[req.seq] = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        return gen
