@@ -606,12 +606,18 @@ def test_a_preempted_job_resumes_from_its_parked_cache_or_is_prefilled_again(tin
     assert runner.parked == {} and runner.slots == []
 
 
-def test_a_parked_job_that_ends_while_waiting_frees_its_park_slot(tiny_model, tokenizer):
-    engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, park_slots=1)
+def running_long_job(tiny_model, tokenizer, predicted: int, **settings):
+    """An ssrpt engine of one batch place, a long job (30 tokens) running in it for one step."""
+    engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, **settings)
     long = Request("long", engine.encode_prompt("a story"), max_tokens=30, sink=ListSink(), ignore_eos=True,
-                   predicted_length=200)
+                   predicted_length=predicted)
     engine.add_request(long)
     engine.step()
+    return engine, long
+
+
+def test_a_parked_job_that_ends_while_waiting_frees_its_park_slot(tiny_model, tokenizer):
+    engine, long = running_long_job(tiny_model, tokenizer, 200, park_slots=1)
     engine.step()
     engine.add_request(Request("s", engine.encode_prompt("hi"), max_tokens=20, sink=ListSink(), ignore_eos=True,
                                predicted_length=1))
@@ -624,11 +630,7 @@ def test_a_parked_job_that_ends_while_waiting_frees_its_park_slot(tiny_model, to
 
 
 def test_ssrpt_does_not_preempt_past_the_bounds(tiny_model, tokenizer):
-    engine = Backend("torch", tiny_model, tokenizer).engine(policy="ssrpt", max_batch_size=1, max_preemptions=1)
-    long = Request("long", engine.encode_prompt("a story"), max_tokens=30, sink=ListSink(), ignore_eos=True,
-                   predicted_length=100)
-    engine.add_request(long)
-    engine.step()
+    engine, long = running_long_job(tiny_model, tokenizer, 100, max_preemptions=1)
     for i in range(3):  # three short arrivals, one after another: only the first may take its place
         engine.add_request(Request(f"s{i}", engine.encode_prompt("hi"), max_tokens=2, sink=ListSink(),
                                    ignore_eos=True, predicted_length=1))
