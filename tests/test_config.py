@@ -49,3 +49,23 @@ def test_tensor_and_pipeline_parallel_sizes_reach_vllms_engine_args():
     assert (single.tensor_parallel_size, single.pipeline_parallel_size, single.distributed_executor_backend) == (1, 1, None)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(runner="vllm", tensor_parallel_size=0)
+
+
+def test_one_refresh_config_both_models_read_from_parameters_and_the_environment():
+    from ssjf.config import RefreshConfig, refresh_path
+
+    default = RefreshConfig.from_strings({}, {})
+    assert default.enabled and default.window == 4000 and default.file == refresh_path("")
+    params = {"proxy_refresh": "0", "proxy_refresh_window": "128", "max_batch_size": "8"}
+    assert (RefreshConfig.from_strings(params, {}).enabled, RefreshConfig.from_strings(params, {}).window) == (False, 128)
+    env = {"SSJF_PROXY_REFRESH": "1", "SSJF_PROXY_REFRESH_INTERVAL_S": "2.5", "SSJF_PROXY_REFRESH_PATH": "/tmp/c.npz"}
+    got = RefreshConfig.from_strings(params, env)
+    assert (got.enabled, got.window, got.interval_s, str(got.file)) == (True, 128, 2.5, "/tmp/c.npz")
+
+
+def test_server_settings_come_from_their_own_variables_with_defaults_stated_once():
+    from ssjf.config import ServerConfig
+
+    got = ServerConfig.from_env({"HTTP_PORT": "9100", "SSJF_HTTP_GATE": "0", "SSJF_DRAIN_S": "5", "OPENAI_PORT": "0"})
+    assert (got.http_port, got.http_gate, got.drain_s, got.openai_port) == (9100, False, 5.0, 0)
+    assert (got.grpc_port, got.max_restarts) == (ServerConfig().grpc_port, ServerConfig().max_restarts)

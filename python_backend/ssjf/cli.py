@@ -66,19 +66,23 @@ def settings(argv) -> int:
     """The settings tables from ssjf.config, the one place they are defined."""
     from dataclasses import fields
 
-    from .config import EngineConfig, ProxyConfig, default_of
+    from .config import EngineConfig, ProxyConfig, RefreshConfig, ServerConfig, default_of
 
     if argv:
         raise SystemExit("ssjf settings takes no arguments")
-    for cls, prefix, where in ((EngineConfig, "SSJF_", "llm"), (ProxyConfig, "SSJF_PROXY_", "length_predictor")):
-        print(f"# {where} (a config.pbtxt parameter NAME, or {prefix}NAME in the environment)")
+    for cls, prefix, where in ((EngineConfig, "SSJF_", "llm: a config.pbtxt parameter NAME"),
+                               (ProxyConfig, "SSJF_PROXY_", "length_predictor: a config.pbtxt parameter NAME"),
+                               (RefreshConfig, "SSJF_PROXY_REFRESH_", "both models: a parameter proxy_refresh_NAME")):
+        print(f"# {where}, or {prefix}NAME in the environment")
         for f in fields(cls):
-            print(f"{prefix + f.name.upper():30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
+            env = f.metadata.get("env") or prefix + f.name.upper()
+            print(f"{env:30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
         print()
-    print("# server: HTTP_PORT 8000, GRPC_PORT 8001, METRICS_PORT 8002, SSJF_HOST 127.0.0.1,\n"
-          "# SSJF_MODEL_REPOSITORY ./model_repository, SSJF_ADMIN_KEY or SSJF_ADMIN_KEY_FILE (random),\n"
-          "# SSJF_CACHE_DIR ~/.cache/ssjf; ssjf serve: SSJF_DRAIN_S 30, SSJF_HTTP_GATE 1, SSJF_MAX_BODY_BYTES 1048576,\n"
-          "# SSJF_MAX_JSON_DEPTH 32, SSJF_MAX_RESTARTS 10, OPENAI_PORT 9000 (0: off)")
+    print("# server (tritonserver and ssjf serve), from the environment; also SSJF_ADMIN_KEY or SSJF_ADMIN_KEY_FILE\n"
+          "# (random: the admin APIs locked) and SSJF_CACHE_DIR (~/.cache/ssjf)")
+    for f in fields(ServerConfig):
+        if f.metadata.get("env"):
+            print(f"{f.metadata['env']:30} {str(default_of(ServerConfig, f.name)):12} {f.metadata.get('help', '')}")
     return 0
 
 

@@ -26,12 +26,16 @@ RUNNERS = ("auto", "torch", "vllm")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def setting(default, help: str):
-    """A dataclass field with its help text (command-line flags and docs read it)."""
-    return field(default=default, metadata={"help": help})
+def setting(default=MISSING, help: str = "", env: str = "", factory=MISSING):
+    """A dataclass field with its help text (command-line flags, `ssjf settings` and docs read it)
+    and, for a setting read from the environment under a name of its own, that name."""
+    metadata = {"help": help, **({"env": env} if env else {})}
+    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 def _convert(kind: str, raw: str):
+    if kind == "Path":
+        return Path(raw)
     if kind == "bool":
         return str(raw).lower() in ("1", "true", "yes", "on")
     if kind == "int":
@@ -46,7 +50,7 @@ def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None, pr
     environ = os.environ if environ is None else environ
     values = {}
     for f in fields(cls):
-        raw = environ.get(f"{prefix}{f.name.upper()}") or params.get(f.name)
+        raw = environ.get(f.metadata.get("env") or f"{prefix}{f.name.upper()}") or params.get(f.name)
         if raw is not None and raw != "":
             values[f.name] = _convert(str(f.type), raw)
     return cls(**values)
@@ -118,13 +122,6 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(1, "vllm runner: GPUs the layers are staged over; the server uses "
                                              "tensor x pipeline GPUs")
     kv_cache_gib: float = setting(4.0, "vllm runner on CPU: memory for its paged KV cache (its own default takes 92%)")
-    proxy_refresh: bool = setting(True, "learn a correction to the proxy's head from finished requests' true lengths")
-    proxy_refresh_window: int = setting(4000, "proxy refresh: the recent finished requests it learns "
-                                          "from (one row of proxy features each: 6 MiB for MiniLM's, 9 MiB for SmolLM2's)")
-    proxy_refresh_interval_s: float = setting(30.0, "proxy refresh: seconds between refits")
-    proxy_refresh_min_rows: int = setting(64, "proxy refresh: finished requests needed before the first refit")
-    proxy_refresh_path: str = setting("", "where the correction is written (the proxy reads it there); "
-                                          "empty: $SSJF_CACHE_DIR/refresh/proxy.npz")
     drain_file: str = setting("", "graceful shutdown: when this file appears (ssjf serve writes it on SIGTERM, with "
                                   "the drain deadline in it) admit nothing more and end what is left by the deadline")
 
@@ -173,8 +170,6 @@ class ProxyConfig:
     dtype: str = setting("auto", "the encoder's: auto (bf16 where the hardware computes it natively, else int8 matrix "
                                  "products on CPU for MiniLM, else fp32), bfloat16, float32, int8")
     num_threads: str = setting("auto", "auto: on CPU, the cores the LLM engine leaves free; a number: that many threads")
-    refresh: bool = setting(True, "apply the correction the llm learns from served traffic (EngineConfig.proxy_refresh)")
-    refresh_path: str = setting("", "the correction file; empty: $SSJF_CACHE_DIR/refresh/proxy.npz (the llm's default)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES + ("int8",):
@@ -188,13 +183,39 @@ class ProxyConfig:
         return from_strings(cls, params, environ, "SSJF_PROXY_")
 
 
+@dataclass
+class RefreshConfig:
+    """The proxy refresh, which both models read: the llm learns a correction to the proxy's head
+    from finished requests' true lengths and writes it to `path`; the length_predictor applies it.
+    A config.pbtxt parameter `proxy_refresh_<NAME>` (`proxy_refresh` for `enabled`) sets one;
+    SSJF_PROXY_REFRESH_<NAME> (SSJF_PROXY_REFRESH) in the environment overrides it."""
+
+    enabled: bool = setting(True, "learn and apply a correction to the proxy's head from served requests' true lengths",
+                            env="SSJF_PROXY_REFRESH")
+    window: int = setting(4000, "the recent finished requests it learns from (one row of proxy features each: "
+                                "6 MiB for MiniLM's, 9 MiB for SmolLM2's)")
+    interval_s: float = setting(30.0, "seconds between refits")
+    min_rows: int = setting(64, "finished requests needed before the first refit")
+    path: str = setting("", "the correction file (the llm writes it, the proxy reads it); "
+                            "empty: $SSJF_CACHE_DIR/refresh/proxy.npz")
+
+    @classmethod
+    def from_strings(cls, params: dict[str, str], environ: dict[str, str] | None = None) -> "RefreshConfig":
+        mine = {("enabled" if k == "proxy_refresh" else k.removeprefix("proxy_refresh_")): v
+                for k, v in params.items() if k.startswith("proxy_refresh")}
+        return from_strings(cls, mine, environ, "SSJF_PROXY_REFRESH_")
+
+    @property
+    def file(self) -> Path:
+        return refresh_path(self.path)
+
+
 def admin_key(environ: dict[str, str] | None = None) -> str:
     """SSJF_ADMIN_KEY_FILE's content, else SSJF_ADMIN_KEY, else a random key that locks the admin APIs."""
     environ = os.environ if environ is None else environ
     if environ.get("SSJF_ADMIN_KEY_FILE"):
         return Path(environ["SSJF_ADMIN_KEY_FILE"]).read_text().strip()
     return environ.get("SSJF_ADMIN_KEY") or secrets.token_hex(16)
-
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -233,24 +254,29 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 @dataclass
 class ServerConfig:
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    host: str = "127.0.0.1"
-    model_repository: Path = field(default_factory=lambda: Path("model_repository").resolve())
-    log_verbose: int = 0
+    """tritonserver's and `ssjf serve`'s settings, each read from the environment variable its
+    field names (from_env); `ssjf settings` prints them."""
+
+    http_port: int = setting(8000, "Triton's HTTP port (behind ssjf serve's gate)", env="HTTP_PORT")
+    grpc_port: int = setting(8001, "Triton's gRPC port", env="GRPC_PORT")
+    metrics_port: int = setting(8002, "Triton's Prometheus metrics port", env="METRICS_PORT")
+    host: str = setting("127.0.0.1", "the address every port binds to", env="SSJF_HOST")
+    model_repository: Path = setting(help="Triton's model repository", env="SSJF_MODEL_REPOSITORY",
+                                     factory=lambda: Path("model_repository").resolve())
+    log_verbose: int = setting(0, "Triton's --log-verbose")
     # Admin APIs answer only requests carrying the header `ssjf-admin-key: <key>`; with no key
     # configured a random one is drawn, which locks them for everyone.
-    admin_key: str = field(default_factory=admin_key)
-    extra_args: list[str] = field(default_factory=list)
-    http_host: str = ""  # where Triton's HTTP binds, if not `host` (behind the gate: loopback)
+    admin_key: str = setting(help="SSJF_ADMIN_KEY_FILE's content, else SSJF_ADMIN_KEY, else random", factory=admin_key)
+    extra_args: list[str] = setting(help="more tritonserver arguments", factory=list)
+    http_host: str = setting("", "where Triton's HTTP binds, if not `host` (behind the gate: loopback)")
     # ssjf serve's supervision (the tests' TritonServer runs tritonserver bare)
-    drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish (SSJF_DRAIN_S)
-    http_gate: bool = True  # the public HTTP port is ssjf.gate in front of Triton's (SSJF_HTTP_GATE)
-    max_body_bytes: int = 1 << 20  # the gate's body limit (SSJF_MAX_BODY_BYTES)
-    max_json_depth: int = 32  # the gate's JSON nesting limit (SSJF_MAX_JSON_DEPTH)
-    max_restarts: int = 10  # tritonserver restarts after a dead stub or an unexpected exit (SSJF_MAX_RESTARTS)
-    openai_port: int = 9000  # the OpenAI-compatible API (ssjf.openai_api); 0: off (OPENAI_PORT)
+    drain_s: float = setting(30.0, "on SIGTERM, in-flight requests get this long to finish", env="SSJF_DRAIN_S")
+    http_gate: bool = setting(True, "the public HTTP port is ssjf.gate in front of Triton's", env="SSJF_HTTP_GATE")
+    max_body_bytes: int = setting(1 << 20, "the gate's body limit", env="SSJF_MAX_BODY_BYTES")
+    max_json_depth: int = setting(32, "the gate's JSON nesting limit", env="SSJF_MAX_JSON_DEPTH")
+    max_restarts: int = setting(10, "tritonserver restarts after a dead stub or an unexpected exit",
+                                env="SSJF_MAX_RESTARTS")
+    openai_port: int = setting(9000, "the OpenAI-compatible API (ssjf.openai_api); 0: off", env="OPENAI_PORT")
 
     @classmethod
     def on_free_ports(cls, **kw) -> "ServerConfig":
@@ -260,21 +286,9 @@ class ServerConfig:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServerConfig":
         environ = os.environ if environ is None else environ
-        repo = environ.get("SSJF_MODEL_REPOSITORY")
-        return cls(
-            http_port=int(environ.get("HTTP_PORT", 8000)),
-            grpc_port=int(environ.get("GRPC_PORT", 8001)),
-            metrics_port=int(environ.get("METRICS_PORT", 8002)),
-            host=environ.get("SSJF_HOST", "127.0.0.1"),
-            admin_key=admin_key(environ),
-            drain_s=float(environ.get("SSJF_DRAIN_S", 30.0)),
-            http_gate=_convert("bool", environ.get("SSJF_HTTP_GATE", "1")),
-            max_body_bytes=int(environ.get("SSJF_MAX_BODY_BYTES", 1 << 20)),
-            max_json_depth=int(environ.get("SSJF_MAX_JSON_DEPTH", 32)),
-            max_restarts=int(environ.get("SSJF_MAX_RESTARTS", 10)),
-            openai_port=int(environ.get("OPENAI_PORT", 9000)),
-            **({"model_repository": Path(repo)} if repo else {}),
-        )
+        values = {f.name: _convert(str(f.type), environ[f.metadata["env"]]) for f in fields(cls)
+                  if f.metadata.get("env") and environ.get(f.metadata["env"])}
+        return cls(admin_key=admin_key(environ), **values)
 
 
 def load_settings(cls, environ: dict[str, str] | None = None):

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from ssjf.config import RefreshConfig, help_of
 from ssjf_client.client import build_inputs, scrape_metrics
 
 from .flags import GUARD, PREEMPT, config_args
@@ -473,7 +474,8 @@ def workload_args(ap: argparse.ArgumentParser, required: bool = True, schedule: 
     ap.add_argument("--artifact", help="proxy artifact (default: recorded for trace replay, smollm2 for natural)")
     # batch 8: a 2-core CPU queues at a load it can finish in minutes
     config_args(ap, ["max_batch_size", "max_seq_len"], max_batch_size=8)
-    config_args(ap, ["proxy_refresh"])
+    ap.add_argument("--proxy-refresh", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+                    default=RefreshConfig.enabled, help=help_of(RefreshConfig, "enabled"))
     ap.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are not sampled")
     ap.add_argument("--split", choices=["all", "test"], default="all",
                     help="test: only prompts in train-proxy's held-out split (for ../shared/data, the prompts the "

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import stats
 
 from .data import load_rows, parse_data_spec, response_lengths
-from ssjf.config import EngineConfig
+from ssjf.config import RefreshConfig
 from ssjf.cpus import machine
 
 from .embeddings import cached_encode, encode_cached
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
                          "learn from their true lengths and refit; kendall_tau (and the other metrics) are over the "
                          "second half of the rows, frozen_kendall_tau is the starting artifact alone on the same rows")
     ap.add_argument("--refresh-every", type=int, default=50, help="--online: rows between refits")
-    ap.add_argument("--window", type=int, default=EngineConfig.proxy_refresh_window,
+    ap.add_argument("--window", type=int, default=RefreshConfig.window,
                     help="--online: recent rows the refit learns from (default: the server's)")
     ap.add_argument("--shuffle-seed", type=int, help="--online: replay the rows in a seeded random order instead "
                                                       "of the file's")

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ssjf.config import EngineConfig, ProxyConfig, default_of, refresh_path
+from ssjf.config import EngineConfig, ProxyConfig, RefreshConfig, default_of
 from ssjf.cpus import bind_process, service_cpus
 from ssjf.proxy import LengthPredictor
 from ssjf.proxy.learner import CorrectionFile
@@ -50,7 +50,8 @@ class TritonPythonModel:
         self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
         # the correction the llm learns from served traffic (ssjf.learner), reloaded when it changes
-        self.correction = CorrectionFile(refresh_path(config.refresh_path)) if config.refresh else None
+        refresh = RefreshConfig.from_strings(model_parameters(args))
+        self.correction = CorrectionFile(refresh.file) if refresh.enabled else None
         pb_utils.Logger.log_info(f"length_predictor ready: artifact={config.artifact} "
                                  f"dtype={self.predictor.encoder.dtype_name} threads={torch.get_num_threads()}")
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ssjf.config import EngineConfig, refresh_path
+from ssjf.config import EngineConfig, RefreshConfig
 from ssjf.engine import Engine
 from ssjf.metrics import TritonMetrics
 from ssjf.proxy.learner import Refresher
@@ -60,10 +60,9 @@ class TritonPythonModel:
         self.metrics = TritonMetrics(pb_utils, self.config.policy, run=self.responder.put)
         self.engine = Engine(self.config, metrics=self.metrics, on_death=self._engine_died)
         self.refresher = None
-        if self.config.proxy_refresh:  # learn the proxy's correction from true lengths (ssjf.learner)
-            c = self.config
-            self.refresher = Refresher(refresh_path(c.proxy_refresh_path), c.proxy_refresh_window,
-                                       c.proxy_refresh_interval_s, c.proxy_refresh_min_rows,
+        refresh = RefreshConfig.from_strings(model_parameters(args))
+        if refresh.enabled:  # learn the proxy's correction from true lengths (ssjf.proxy.learner)
+            self.refresher = Refresher(refresh.file, refresh.window, refresh.interval_s, refresh.min_rows,
                                        on_refit=self.metrics.refit).start()
             self.engine.finished_hooks.append(self._learn)
         self.engine.start()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EngineConfig
+from ..config import RefreshConfig
 from ..metrics import kendall_tau
 
 
@@ -57,8 +57,8 @@ class OnlineHead:
 
     L2 = (1.0, 10.0, 100.0, 1000.0)
 
-    def __init__(self, base, window: int = EngineConfig.proxy_refresh_window,
-                 min_rows: int = EngineConfig.proxy_refresh_min_rows, folds: int = 5, margin_c: float = 0.5):
+    def __init__(self, base, window: int = RefreshConfig.window,
+                 min_rows: int = RefreshConfig.min_rows, folds: int = 5, margin_c: float = 0.5):
         self.base = base
         self.rows: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=window)
         self.min_rows = min_rows
@@ -185,9 +185,9 @@ class Refresher:
     """The llm side: finished requests' features and true lengths in, a refit every interval_s on a
     thread of its own, and the correction written out when one is swapped in."""
 
-    def __init__(self, path: Path, window: int = EngineConfig.proxy_refresh_window,
-                 interval_s: float = EngineConfig.proxy_refresh_interval_s,
-                 min_rows: int = EngineConfig.proxy_refresh_min_rows, on_refit=None):
+    def __init__(self, path: Path, window: int = RefreshConfig.window,
+                 interval_s: float = RefreshConfig.interval_s,
+                 min_rows: int = RefreshConfig.min_rows, on_refit=None):
         self.head = OnlineHead(LastColumn(), window=window, min_rows=min_rows)
         self.file = CorrectionFile(path)
         self.interval_s = interval_s
