@@ -122,3 +122,16 @@ def bind_process(cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # a thread that just ended
             pass
+
+
+def place_proxy(num_threads: str, device: str = "cpu") -> None:
+    """The proxy's process and threads (ProxyConfig.num_threads): "auto" on a CPU host binds it to
+    the cores the engine leaves free, with one thread each; a number sets that many threads."""
+    import torch
+
+    if num_threads == "auto" and device == "cpu":
+        cpus = service_cpus()
+        bind_process(cpus)
+        torch.set_num_threads(len(cpus))
+    elif num_threads != "auto" and int(num_threads) > 0:
+        torch.set_num_threads(int(num_threads))

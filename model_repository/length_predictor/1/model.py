@@ -5,7 +5,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ssjf.config import EngineConfig, ProxyConfig, RefreshConfig, default_of
-from ssjf.cpus import bind_process, service_cpus
+from ssjf.cpus import place_proxy
 from ssjf.proxy import LengthPredictor
 from ssjf.proxy.learner import CorrectionFile
 from ssjf.server import exit_with_parent
@@ -39,12 +39,7 @@ def prompts(request) -> list[str]:
 class TritonPythonModel:
     def initialize(self, args):
         config = ProxyConfig.from_strings(model_parameters(args))  # SSJF_PROXY_<FIELD> overrides
-        if config.num_threads == "auto" and config.device == "cpu":
-            cpus = service_cpus()  # off the engine's cores (ssjf.cpus)
-            bind_process(cpus)
-            torch.set_num_threads(len(cpus))
-        elif config.num_threads != "auto" and int(config.num_threads) > 0:
-            torch.set_num_threads(int(config.num_threads))
+        place_proxy(config.num_threads, config.device)  # on a CPU host, off the engine's cores
         exit_with_parent()
         self.failed_once = False
         self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
