@@ -63,6 +63,19 @@ def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: 
     return inputs
 
 
+# what a gRPC stream reports when the server (or a balancer's replica) went away mid-request
+LOST = ("RST_STREAM", "Stream removed", "status: 502", "status: 503", "Socket closed", "Connection reset",
+        "failed to connect")
+
+
+def explain(message: str) -> str:
+    """The server's error as is; a transport error says that the connection was lost, so the
+    request may be retried (on another replica behind a balancer), then gives gRPC's own words."""
+    if any(mark in message for mark in LOST):
+        return f"connection to the server lost before the request finished (retry it): {message}"
+    return message
+
+
 class SSJFClient:
     """One gRPC stream to the server; generate() calls run one after another on it."""
 
@@ -107,7 +120,7 @@ class SSJFClient:
                 result.error = f"no final response within {timeout:.0f}s"
                 return result
             if error is not None:
-                result.error = error.message() if isinstance(error, InferenceServerException) else str(error)
+                result.error = explain(error.message() if isinstance(error, InferenceServerException) else str(error))
                 result.jct_s = at - start
                 return result
             piece = response.as_numpy("text_output")

@@ -127,6 +127,9 @@ def test_a_killed_replica_is_routed_around_and_no_request_hangs(balanced):
     print(f"24 in flight, one replica killed: {24 - len(failed)} ok, {len(failed)} ended with an error: {failed}")
     assert len(results) == 24
     assert all(message.strip() for message in failed.values()), failed  # every error says something
+    # and what: the client names a lost connection as such (gRPC's own words follow)
+    lost = [m for m in failed.values() if m.startswith("connection to the server lost")]
+    assert len(lost) == len(failed), failed
     # new requests go to the replica left, at once (nginx tries the next upstream on a refused connection)
     after = [one(url, "Say yes.", 4, timeout=60) for _ in range(8)]
     assert all(getattr(r, "ok", False) for r in after), [getattr(r, "error", r) for r in after]
