@@ -16,7 +16,7 @@ WINGS = ("ssjf.runners", "ssjf.kernels", "ssjf.proxy")
 PRODUCT = {"ssjf", "ssjf.config", "ssjf.request", "ssjf.policy", "ssjf.scheduler", "ssjf.detokenizer", "ssjf.engine",
            "ssjf.serving", "ssjf.metrics", "ssjf.responder", "ssjf.cpus", "ssjf.assets", "ssjf.server", "ssjf.cli",
            "ssjf.gate", "ssjf.openai_api",
-           "ssjf.runners", "ssjf.runners.base", "ssjf.runners.vllm", "ssjf.runners.torch", "ssjf.runners.torch.model",
+           "ssjf.runners", "ssjf.runners.base", "ssjf.runners.vllm", "ssjf.runners.torch", "ssjf.runners.torch.model", "ssjf.runners.torch.graphs",
            "ssjf.runners.torch.runner",
            "ssjf.kernels", "ssjf.kernels.linear",
            "ssjf.proxy", "ssjf.proxy.encoder", "ssjf.proxy.head", "ssjf.proxy.predictor", "ssjf.proxy.learner"}
