@@ -41,8 +41,8 @@ test: prepare check-gpu-image test-tools
 # stopped). Where apt cannot install it, that one test skips and says why.
 test-tools:
 	@command -v nginx >/dev/null || { command -v apt-get >/dev/null && \
-	  { apt-get install -y -q nginx-light >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx-light >/dev/null 2>&1; }; } && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1; }; } && \
 	  { pkill -x nginx || true; } ; } || echo "nginx could not be installed: tests/integration/test_replicas.py will skip"
 
 test-unit: prepare
