@@ -153,3 +153,8 @@ def scrape_metrics(metrics_url: str, prefix: str = "ssjf_") -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             values[key] = float(value)
     return values
+
+
+def metric_total(values: dict[str, float], name: str) -> float:
+    """One metric summed over its label sets, from scrape_metrics' {'name{labels}': value}."""
+    return sum(v for k, v in values.items() if k.split("{", 1)[0] == name)

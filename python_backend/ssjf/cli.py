@@ -64,9 +64,7 @@ def prepare_main(argv) -> int:
 
 def settings(argv) -> int:
     """The settings tables from ssjf.config, the one place they are defined."""
-    from dataclasses import fields
-
-    from .config import EngineConfig, ProxyConfig, RefreshConfig, ServerConfig, default_of
+    from .config import EngineConfig, ProxyConfig, RefreshConfig, ServerConfig
 
     if argv:
         raise SystemExit("ssjf settings takes no arguments")
@@ -74,16 +72,25 @@ def settings(argv) -> int:
                                (ProxyConfig, "SSJF_PROXY_", "length_predictor: a config.pbtxt parameter NAME"),
                                (RefreshConfig, "SSJF_PROXY_REFRESH_", "both models: a parameter proxy_refresh_NAME")):
         print(f"# {where}, or {prefix}NAME in the environment")
-        for f in fields(cls):
-            env = f.metadata.get("env") or prefix + f.name.upper()
-            print(f"{env:30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
+        print_settings(cls, prefix)
         print()
     print("# server (tritonserver and ssjf serve), from the environment; also SSJF_ADMIN_KEY or SSJF_ADMIN_KEY_FILE\n"
           "# (random: the admin APIs locked) and SSJF_CACHE_DIR (~/.cache/ssjf)")
-    for f in fields(ServerConfig):
-        if f.metadata.get("env"):
-            print(f"{f.metadata['env']:30} {str(default_of(ServerConfig, f.name)):12} {f.metadata.get('help', '')}")
+    print_settings(ServerConfig)
     return 0
+
+
+def print_settings(cls, prefix: str | None = None) -> None:
+    """One line per setting: its variable, default and meaning. Without a prefix, only the fields
+    that name a variable of their own."""
+    from dataclasses import fields
+
+    from .config import default_of
+
+    for f in fields(cls):
+        env = f.metadata.get("env") or (prefix + f.name.upper() if prefix is not None else "")
+        if env:
+            print(f"{env:30} {str(default_of(cls, f.name)):12} {f.metadata.get('help', '')}")
 
 
 def serve(argv) -> int:

@@ -21,10 +21,9 @@ import uuid
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
-from .serving import INPUTS, NUMPY
+from .serving import INPUTS
 
-FIELDS = {"text_input", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "priority", "ignore_eos",
-          "stream"}
+FIELDS = {i.name for i in INPUTS if i.client}  # what an error's field may name
 UNSUPPORTED = ("n", "logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias", "echo",
                "best_of", "suffix")
 
@@ -83,10 +82,10 @@ def parse_body(body: dict, chat: bool) -> dict:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise APIError(400, "max_tokens: expected an integer", param="max_tokens")
         out["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "top_k", "priority"):  # top_k and priority: extensions, as vLLM's
+    for name in ("temperature", "top_p", "top_k", "seed", "priority"):  # top_k, priority: extensions, as vLLM's
         if body.get(name) is not None:
             value = body[name]
-            integer = name in ("top_k", "priority")
+            integer = name in ("top_k", "seed", "priority")
             if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
                 raise APIError(400, f"{name}: expected {'an integer' if integer else 'a number'}", param=name)
             out[name] = value
@@ -98,11 +97,6 @@ def parse_body(body: dict, chat: bool) -> dict:
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 4):
         raise APIError(400, "stop: expected a string or up to 4 non-empty strings", param="stop")
     out["_stop"] = stop or []
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, "seed: expected an integer", param="seed")
-    if seed is not None:
-        out["seed"] = seed
     out["_stream"] = bool(body.get("stream"))
     options = body.get("stream_options") or {}
     out["_usage_in_stream"] = bool(options.get("include_usage")) if isinstance(options, dict) else False
@@ -120,9 +114,8 @@ def triton_inputs(fields: dict):
     inputs = [tensor("stream", True, bool, "BOOL")]
     for spec in INPUTS:  # the ensemble's inputs, as serving.INPUTS states them
         if spec.client and spec.name in fields and spec.name != "stream":
-            dtype = NUMPY[spec.triton_type]
-            value = fields[spec.name].encode("utf-8") if dtype is np.object_ else fields[spec.name]
-            inputs.append(tensor(spec.name, value, dtype, "BYTES" if spec.triton_type == "STRING" else spec.triton_type))
+            value = fields[spec.name].encode("utf-8") if spec.kind == "text" else fields[spec.name]
+            inputs.append(tensor(spec.name, value, spec.numpy, spec.wire_type))
     return inputs
 
 

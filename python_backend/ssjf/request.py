@@ -100,7 +100,7 @@ class LLMInputs:
         return self.sampling.temperature
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `in` and `remove` compare identity, never field by field
 class Request:
     request_id: str
     prompt_ids: list[int]

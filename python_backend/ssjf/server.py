@@ -114,18 +114,21 @@ class TritonServer:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
+    @staticmethod
+    def _reachable(host: str) -> str:
+        return "127.0.0.1" if host == "0.0.0.0" else host  # bound on every address: call it on loopback
+
     @property
     def http_url(self) -> str:
-        host = self.config.http_host or self.config.host
-        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.config.http_port}"
+        return f"http://{self._reachable(self.config.http_host or self.config.host)}:{self.config.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.metrics_port}"
+        return f"http://{self._reachable(self.config.host)}:{self.config.metrics_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.config.grpc_port}"
+        return f"{self._reachable(self.config.host)}:{self.config.grpc_port}"
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL

@@ -31,6 +31,16 @@ class Input:
     dims: int = 1
     sampling: bool = False  # a field of LLMInputs.sampling (request.Sampling), not of LLMInputs
 
+    @property
+    def wire_type(self) -> str:
+        """Its datatype on the wire, as tritonclient names it (config.pbtxt's STRING is BYTES)."""
+        return "BYTES" if self.triton_type == "STRING" else self.triton_type
+
+    @property
+    def numpy(self):
+        """The numpy dtype a client's tensor of it has."""
+        return NUMPY[self.triton_type]
+
 
 INPUTS = (
     Input("text_input", "STRING", "text"),

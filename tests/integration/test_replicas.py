@@ -17,7 +17,7 @@ import pytest
 from ssjf.config import free_ports
 from ssjf.server import ServerConfig, TritonServer
 from ssjf_client import SSJFClient
-from ssjf_client.client import scrape_metrics
+from ssjf_client.client import metric_total, scrape_metrics
 
 NGINX_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make test installs it)")
@@ -81,7 +81,7 @@ def balanced(tmp_path_factory):
 
 def served(srv: TritonServer) -> float:
     """Requests the replica's llm ended (any status)."""
-    return sum(v for k, v in scrape_metrics(srv.metrics_url).items() if k.startswith("ssjf_requests_total"))
+    return metric_total(scrape_metrics(srv.metrics_url), "ssjf_requests_total")
 
 
 def one(url: str, prompt: str, max_tokens: int, timeout: float = 120.0):

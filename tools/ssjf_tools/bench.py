@@ -38,7 +38,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from ssjf.config import RefreshConfig, help_of
-from ssjf_client.client import build_inputs, scrape_metrics
+from ssjf_client.client import build_inputs, metric_total, scrape_metrics
 
 from .flags import GUARD, PREEMPT, config_args
 
@@ -275,9 +275,8 @@ def server_counters(metrics_url: str) -> dict[str, float]:
     """The llm's own counts (what a client cannot see): tokens generated, preemptions, and tokens
     prefilled again after a preemption."""
     values = scrape_metrics(metrics_url)
-    total = lambda name: sum(v for k, v in values.items() if k.split("{")[0] == name)  # noqa: E731
-    return {"generated_tokens": total("ssjf_generated_tokens_total"), "preemptions": total("ssjf_preemptions_total"),
-            "recomputed_tokens": total("ssjf_recomputed_tokens_total")}
+    return {key: metric_total(values, f"ssjf_{key}_total") for key in ("generated_tokens", "preemptions",
+                                                                       "recomputed_tokens")}
 
 
 def combine_rounds(rounds: list[dict], base: str = "fcfs",

@@ -23,7 +23,7 @@ import statistics
 
 import tritonclient.grpc as grpcclient
 
-from ssjf_client.client import SSJFClient, scrape_metrics
+from ssjf_client.client import SSJFClient, metric_total, scrape_metrics
 from .flags import config_args
 from .report import emit
 
@@ -33,8 +33,7 @@ PROMPT = "What is the capital of France?"
 def scrape_jct(metrics_url: str) -> tuple[float, float]:
     """The server's JCT histogram: (sum of seconds, count) over its labels."""
     values = scrape_metrics(metrics_url, "ssjf_jct_seconds_")
-    sums = [sum(v for k, v in values.items() if k.startswith(f"ssjf_jct_seconds_{part}")) for part in ("sum", "count")]
-    return sums[0], sums[1]
+    return metric_total(values, "ssjf_jct_seconds_sum"), metric_total(values, "ssjf_jct_seconds_count")
 
 
 def proxy_compute(stats_client) -> tuple[float, int]:

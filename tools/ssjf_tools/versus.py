@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssjf.config import free_ports
+
 from .bench import (Job, combine_rounds, fresh_refresh, load_workload, relative_times, replay, round_arrivals, sjf_limit, summarize,
                     wait_for_jobs, workload_args, write_aiperf_input, write_report)
 
@@ -81,8 +83,6 @@ class VllmServer:
 
     def __init__(self, model: str, dtype: str, max_num_seqs: int, max_model_len: int, policy: str,
                  kv_cache_gib: float, log_path: Path | None = None, port: int | None = None):
-        from ssjf.config import free_ports
-        
         self.port = port or free_ports(1)[0]
         self.model = model
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -208,8 +208,6 @@ class ServedOpenAI:
     the OpenAI front end runs outside the client's process, as vLLM's does."""
 
     def __init__(self, env: dict, log: Path, timeout: float = 420.0):
-        from ssjf.config import free_ports
-        
         http, grpc, metrics, self.port = free_ports(4)
         self.http_url = f"http://127.0.0.1:{http}"
         self.env = dict(env, HTTP_PORT=str(http), GRPC_PORT=str(grpc), METRICS_PORT=str(metrics),

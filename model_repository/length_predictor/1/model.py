@@ -38,14 +38,15 @@ def prompts(request) -> list[str]:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = ProxyConfig.from_strings(model_parameters(args))  # SSJF_PROXY_<FIELD> overrides
+        params = model_parameters(args)
+        config = ProxyConfig.from_strings(params)  # SSJF_PROXY_<FIELD> overrides
         place_proxy(config.num_threads, config.device)  # on a CPU host, off the engine's cores
         exit_with_parent()
         self.failed_once = False
         self.predictor = LengthPredictor(config.artifact, config.device, dtype=config.dtype)
         self.predictor.encoder.warm_up()  # every prompt width once, so first requests are not slow
         # the correction the llm learns from served traffic (ssjf.learner), reloaded when it changes
-        refresh = RefreshConfig.from_strings(model_parameters(args))
+        refresh = RefreshConfig.from_strings(params)
         self.correction = CorrectionFile(refresh.file) if refresh.enabled else None
         pb_utils.Logger.log_info(f"length_predictor ready: artifact={config.artifact} "
                                  f"dtype={self.predictor.encoder.dtype_name} threads={torch.get_num_threads()}")

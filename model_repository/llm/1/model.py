@@ -55,12 +55,13 @@ class TritonSink:
 class TritonPythonModel:
     def initialize(self, args):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.config = EngineConfig.from_strings(model_parameters(args))
+        params = model_parameters(args)
+        self.config = EngineConfig.from_strings(params)
         self.responder = Responder()  # sends, cancellation checks and metric updates, off the engine thread
         self.metrics = TritonMetrics(pb_utils, self.config.policy, run=self.responder.put)
         self.engine = Engine(self.config, metrics=self.metrics, on_death=self._engine_died)
         self.refresher = None
-        refresh = RefreshConfig.from_strings(model_parameters(args))
+        refresh = RefreshConfig.from_strings(params)
         if refresh.enabled:  # learn the proxy's correction from true lengths (ssjf.proxy.learner)
             self.refresher = Refresher(refresh.file, refresh.window, refresh.interval_s, refresh.min_rows,
                                        on_refit=self.metrics.refit).start()

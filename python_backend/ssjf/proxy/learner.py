@@ -1,4 +1,5 @@
-"""Learning from served traffic: how well the proxy ranks, and a head that refreshes itself.
+"""Learning from served traffic: a head that refreshes itself (how well the proxy ranks is
+metrics.RankWindow's to say).
 
 `OnlineHead` learns a correction to an artifact's head from requests whose true length is now
 known: predicted log length = base head + a linear map of the same features, fitted by ridge

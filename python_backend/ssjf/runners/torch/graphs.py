@@ -20,7 +20,6 @@ class GraphedDecode:
     """ModelRunner's decode at fixed shapes: one captured graph per batch-size bucket. It reads the
     runner's cache, tables and layers (`_decode_sdpa`); `decode` replays it for slots 0..B-1."""
 
-
     def buckets(self) -> list[int]:
         """The padded batch sizes: powers of two up to the slot count, and the slot count."""
         sizes, n = [], 1
