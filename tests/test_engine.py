@@ -178,6 +178,26 @@ def test_stops_at_eos_unless_ignored(backend):
     assert runs.finish_reason == "length" and len(runs.output_ids) == 10
 
 
+def test_a_stop_string_ends_the_text_before_it_and_the_stream_never_shows_it(backend):
+    """The stop rule is the engine's, on both runners: the output ends where the first stop string
+    begins, streamed pieces join to exactly that text, and the finish reason is "stop"."""
+    engine = backend.engine()
+    probe = Request("p", engine.encode_prompt("hello"), max_tokens=24, sink=ListSink(), ignore_eos=True)
+    engine.add_request(probe)
+    engine.run_until_idle()
+    text = probe.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # three characters from the middle of the greedy answer
+    assert len(stop) == 3
+    cut = text.index(stop)
+    stops = Request("s", probe.prompt_ids, max_tokens=24, sink=ListSink(), ignore_eos=True,
+                    stop=("never in the answer", stop))
+    engine.add_request(stops)
+    engine.run_until_idle()
+    assert stops.finish_reason == "stop" and stops.text == text[:cut]
+    assert "".join(stops.sink.parts) == text[:cut] and stops.sink.finals == 1
+    assert len(stops.output_ids) < len(probe.output_ids)  # it stopped generating there, too
+
+
 def test_cancelled_request_frees_its_slot_within_one_step(backend):
     engine = backend.engine(max_batch_size=1, policy="fcfs")
     a = Request("a", engine.encode_prompt("first"), max_tokens=200, sink=ListSink(), ignore_eos=True)
@@ -297,7 +317,7 @@ def test_one_failing_request_fails_alone_and_the_batch_goes_on(tiny_model, token
     real = engine.runner.decode
 
     def decode(tokens, positions, slots=None):
-        if poison.slot in (range(len(tokens)) if slots is None else slots):
+        if engine.runner.slot_of(poison) in (range(len(tokens)) if slots is None else slots):
             raise RuntimeError("poisoned row")
         return real(tokens, positions, slots)
 
@@ -419,13 +439,13 @@ def test_the_torch_runner_keeps_its_slots_without_holes(tiny_model, tokenizer):
     runner = ModelRunner(config, model=tiny_model, tokenizer=tokenizer)
     a, b, c = [Request(x, [1, 2, 3], max_tokens=4) for x in "abc"]
     out = runner.admit([a, b, c])
-    assert [r.slot for r in (a, b, c)] == [0, 1, 2] and len(out.tokens) == 3
+    assert [runner.slot_of(r) for r in (a, b, c)] == [0, 1, 2] and len(out.tokens) == 3
     cached = runner.k_cache[:, 2, :, :3].clone()
     runner.release(a)  # c moves from slot 2 into the hole, its cache with it
-    assert (a.slot, b.slot, c.slot) == (-1, 1, 0)
+    assert tuple(map(runner.slot_of, (a, b, c))) == (-1, 1, 0)
     assert torch.equal(runner.k_cache[:, 0, :, :3], cached)
     runner.release(b)  # the last slot: nothing moves
-    assert runner.slots == [c] and c.slot == 0
+    assert runner.slots == [c] and runner.slot_of(c) == 0
     runner.release(b)  # twice: nothing happens
 
 

@@ -1,10 +1,10 @@
-"""The OpenAI API's request mapping, stop strings and error shapes, without a server."""
+"""The OpenAI API's request mapping and error shapes, without a server."""
 
 import json
 
 import pytest
 
-from ssjf.openai_api import APIError, StopScan, from_triton, parse_body
+from ssjf.openai_api import APIError, from_triton, parse_body
 
 
 def test_chat_maps_to_messages_and_the_token_limits():
@@ -41,13 +41,15 @@ def test_server_errors_become_openai_errors():
     assert from_triton("messages[0].content: not valid Unicode").param == "messages"
 
 
-def test_stop_strings_end_the_text_even_across_pieces():
-    scan = StopScan(["END", "\n\n"])
-    out = [scan.feed(p) for p in ("Hello E", "N", "D and more")]
-    assert "".join(out) == "Hello " and scan.hit
-    scan = StopScan(["END"])
-    assert scan.feed("Hello E") + scan.flush() == "Hello E" and not scan.hit
-    assert StopScan([]).feed("anything") == "anything"
+def test_stop_strings_go_to_the_engine_as_one_input():
+    from ssjf.openai_api import triton_inputs
+
+    sent = {t.name(): t for t in triton_inputs(parse_body({"prompt": "hi", "stop": ["END", "\n\n"]}, chat=False))}
+    assert (sent["stop"].datatype(), sent["stop"].shape()) == ("BYTES", [1, 2])
+    assert parse_body({"prompt": "hi", "stop": "END"}, chat=False)["stop"] == ["END"]
+    assert "stop" not in {t.name() for t in triton_inputs(parse_body({"prompt": "hi"}, chat=False))}
+    with pytest.raises(APIError, match="at most 4"):
+        parse_body({"prompt": "hi", "stop": list("abcde")}, chat=False)
 
 
 def test_sampling_fields_reach_the_ensembles_inputs():

@@ -184,7 +184,8 @@ def test_the_input_table_matches_both_configs_the_ensemble_maps_and_the_client()
     ensemble = (repo / "ssjf" / "config.pbtxt").read_text()
     llm_step = ensemble[ensemble.index('model_name: "llm"'):]
     assert set(re.findall(r'input_map \{ key: "(\w+)"', llm_step)) == {i.name for i in INPUTS}
-    sent = build_inputs("hi", max_tokens=4, ignore_eos=True, temperature=0.5, priority=1, top_p=0.9, top_k=5, seed=7)
+    sent = build_inputs("hi", max_tokens=4, ignore_eos=True, temperature=0.5, priority=1, top_p=0.9, top_k=5, seed=7,
+                        stop=["\n", "END"])
     sent += [t for t in build_inputs(None, messages=[{"role": "user", "content": "hi"}]) if t.name() == "messages"]
     triton = {"STRING": "BYTES"}
     assert {t.name(): t.datatype() for t in sent} == {i.name: triton.get(i.triton_type, i.triton_type)
@@ -199,3 +200,15 @@ def test_top_p_top_k_and_seed_convert_into_the_sampling_object():
     assert p.sampling.top_p == pytest.approx(0.9)
     with pytest.raises(RequestError, match="^top_k: expected an integer"):
         parse_llm_inputs({"text_input": np.array([[b"hi"]], dtype=object), "top_k": np.array([[1.5]], np.float32)})
+
+
+def test_stop_strings_convert_and_are_checked_in_one_place(engine):
+    stops = np.array([[b"END", "\u00bb".encode()]], dtype=np.object_)
+    assert parse_llm_inputs({"text_input": text("hi"), "stop": stops}).stop == ["END", "\u00bb"]
+    assert admit(engine, {"text_input": text("hi"), "stop": stops}).stop == ("END", "\u00bb")
+    with pytest.raises(RequestError, match="^stop: at most 4"):
+        admit(engine, {"text_input": text("hi"), "stop": np.array([[b"a", b"b", b"c", b"d", b"e"]], dtype=np.object_)})
+    with pytest.raises(RequestError, match="^stop: each string must have 1 to"):
+        admit(engine, {"text_input": text("hi"), "stop": np.array([[b""]], dtype=np.object_)})
+    with pytest.raises(RequestError, match="^stop: not valid UTF-8"):
+        parse_llm_inputs({"text_input": text("hi"), "stop": np.array([[b"\xff"]], dtype=np.object_)})

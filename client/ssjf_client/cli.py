@@ -19,6 +19,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-p", type=float, help="sampling (temperature > 0): the nucleus")
+    ap.add_argument("--top-k", type=int, help="sampling (temperature > 0): the k most likely tokens")
+    ap.add_argument("--seed", type=int, help="sampling: the same seed gives the same tokens")
+    ap.add_argument("--stop", action="append", help="end the text before this string (repeat for up to 4)")
     ap.add_argument("--priority", type=int, help="a priority class: lower is served first (default 0)")
     ap.add_argument("--no-stream", action="store_true", help="one response with the whole text")
     args = ap.parse_args(argv)
@@ -30,7 +34,8 @@ def main(argv=None) -> int:
     with SSJFClient(args.url, args.model) as client:
         result = client.generate(args.prompt, args.max_tokens, args.ignore_eos or None, not args.no_stream,
                                  args.temperature, on_text=lambda t: print(t, end="", flush=True), messages=messages,
-                                 priority=args.priority)
+                                 priority=args.priority, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                 stop=args.stop)
     print()
     if not result.ok:
         print(f"error: {result.error}", file=sys.stderr)

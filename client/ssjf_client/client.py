@@ -30,36 +30,47 @@ class GenerateResult:
         return self.error is None
 
 
+# The ensemble's optional inputs and their tensor types, besides the prompt (the server states
+# them in ssjf.serving.INPUTS; tests/test_serving.py checks that the two agree).
+FIELDS = {
+    "max_tokens": (np.int32, "INT32"),
+    "ignore_eos": (bool, "BOOL"),
+    "temperature": (np.float32, "FP32"),  # 0: greedy
+    "top_p": (np.float32, "FP32"),  # sampling: the nucleus
+    "top_k": (np.int32, "INT32"),  # sampling: the k most likely tokens
+    "seed": (np.int64, "INT64"),  # sampling: the same seed gives the same tokens
+    "priority": (np.int32, "INT32"),  # a class: lower is served first; the length key orders within it
+    "stop": (np.object_, "BYTES"),  # up to 4 strings: the text ends before the first of them
+}
+
+
 def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, module=grpcclient,
-                 messages: list[dict[str, str]] | None = None, priority: int | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> list:
+                 messages: list[dict[str, str]] | None = None, **fields) -> list:
     """The ensemble's input tensors (batch dimension 1): a prompt, or a conversation (`messages`:
-    [{"role": "system" | "user" | "assistant", "content": ...}], the last turn the user's)."""
-    def tensor(name, value, dtype, triton_type):
-        t = module.InferInput(name, [1, 1], triton_type)
-        t.set_data_from_numpy(np.array([[value]], dtype=dtype))
+    [{"role": "system" | "user" | "assistant", "content": ...}], the last turn the user's), and
+    any of FIELDS given as keywords (None: the server's default)."""
+    def tensor(name, values, dtype, triton_type):
+        t = module.InferInput(name, [1, len(values)], triton_type)
+        t.set_data_from_numpy(np.array([values], dtype=dtype))
         return t
 
-    inputs = [tensor("stream", stream, bool, "BOOL")]
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"build_inputs: unknown input(s) {', '.join(sorted(unknown))}; the inputs are {', '.join(FIELDS)}")
+    fields.update(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature)
+    inputs = [tensor("stream", [stream], bool, "BOOL")]
     if prompt is not None:
-        inputs.append(tensor("text_input", prompt.encode("utf-8"), np.object_, "BYTES"))
+        inputs.append(tensor("text_input", [prompt.encode("utf-8")], np.object_, "BYTES"))
     if messages is not None:
-        inputs.append(tensor("messages", json.dumps(messages).encode("utf-8"), np.object_, "BYTES"))
-    if max_tokens is not None:
-        inputs.append(tensor("max_tokens", max_tokens, np.int32, "INT32"))
-    if ignore_eos is not None:
-        inputs.append(tensor("ignore_eos", ignore_eos, bool, "BOOL"))
-    if temperature is not None:
-        inputs.append(tensor("temperature", temperature, np.float32, "FP32"))
-    if priority is not None:  # a class: lower is served first; the length key orders within it
-        inputs.append(tensor("priority", priority, np.int32, "INT32"))
-    if top_p is not None:
-        inputs.append(tensor("top_p", top_p, np.float32, "FP32"))
-    if top_k is not None:
-        inputs.append(tensor("top_k", top_k, np.int32, "INT32"))
-    if seed is not None:
-        inputs.append(tensor("seed", seed, np.int64, "INT64"))
+        inputs.append(tensor("messages", [json.dumps(messages).encode("utf-8")], np.object_, "BYTES"))
+    for name, (dtype, triton_type) in FIELDS.items():
+        value = fields.get(name)
+        if name == "stop" and value:  # one string or a list of them, one per element
+            inputs.append(tensor(name, [s.encode("utf-8") for s in ([value] if isinstance(value, str) else value)],
+                                 dtype, triton_type))
+        elif name != "stop" and value is not None:
+            inputs.append(tensor(name, [value], dtype, triton_type))
     return inputs
 
 
@@ -100,16 +111,15 @@ class SSJFClient:
     def generate(self, prompt: str | None, max_tokens: int | None = None, ignore_eos: bool | None = None,
                  stream: bool = True, temperature: float | None = None, timeout: float = 600.0,
                  on_text: Callable[[str], None] | None = None, deadline_s: float | None = None,
-                 messages: list[dict[str, str]] | None = None, priority: int | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> GenerateResult:
-        """One request: a prompt, or (prompt None) a conversation in `messages`; `timeout` bounds the
-        wait here, `deadline_s` is sent to the server, which ends the request with a "deadline
-        exceeded" error once it has run that long (ensemble included)."""
+                 messages: list[dict[str, str]] | None = None, **fields) -> GenerateResult:
+        """One request: a prompt, or (prompt None) a conversation in `messages`, and any of FIELDS
+        (priority, top_p, top_k, seed, stop) as keywords; `timeout` bounds the wait here,
+        `deadline_s` is sent to the server, which ends the request with a "deadline exceeded"
+        error once it has run that long (ensemble included)."""
         result = GenerateResult()
         start = time.perf_counter()
         self.client.async_stream_infer(
-            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages, priority=priority,
-                                     top_p=top_p, top_k=top_k, seed=seed),
+            self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages, **fields),
             enable_empty_final_response=True, timeout=int(deadline_s * 1e6) if deadline_s else None,
         )
         deadline = start + timeout

@@ -3,6 +3,10 @@
 Byte-level tokenizers split multi-byte characters across tokens. Each call decodes
 a short window of recent tokens and releases only text that no longer ends in a
 partial character (U+FFFD), so streamed pieces always join to the full decode.
+
+Stop strings end the text where the first of them begins (it is not part of the output). Text
+that could still be the start of one is held back until the next token settles it, so a stream
+never shows a piece it has to take back.
 """
 
 from __future__ import annotations
@@ -11,11 +15,29 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stops: tuple[str, ...] | list[str] = ()):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # tokens before this have been released as text
+        self.stops = tuple(stops)
+        self.held = ""  # decoded text that may be the start of a stop string
+        self.stopped = False  # a stop string was found: the text ended before it
+
+    def _scan(self, text: str) -> str:
+        """What of text may be released: all of it without stop strings; else up to the first stop
+        string (then `stopped`), keeping back a tail that could begin one."""
+        if not self.stops or self.stopped:
+            return "" if self.stopped else text
+        self.held += text
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.held, self.stopped = self.held[:cut], "", True
+            return out
+        keep = max(len(s) for s in self.stops) - 1
+        out = self.held[: max(0, len(self.held) - keep)]
+        self.held = self.held[len(out):]
+        return out
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -27,12 +49,15 @@ class IncrementalDetokenizer:
         text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix) :]
+            return self._scan(text[len(prefix) :])
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (a trailing partial character at the end of output)."""
+        """Whatever is still held back at the end of output (a trailing partial character, the
+        start of a stop string that never came), unless a stop string ended the text."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix) :]
+        out = self._scan(text[len(prefix) :])
+        out, self.held = ("", "") if self.stopped else (out + self.held, "")
+        return out

@@ -30,7 +30,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .policy import UNKNOWN_LENGTH
-from .request import LLMInputs, Request, RequestError, RequestStatus
+from .request import LLMInputs, Request, RequestError, RequestStatus, check_stops
 from .runners import make_runner
 from .runners.base import Runner, StepOutput
 from .scheduler import Scheduler
@@ -89,13 +89,15 @@ class Engine:
         if not inputs.text.strip():
             raise RequestError("messages: the last user turn is empty" if inputs.messages else "text_input: the prompt is empty")
         inputs.sampling.check()
+        check_stops(inputs.stop)
         predicted = inputs.predicted_length
         if predicted is not None and predicted < 1:  # the proxy's "no prediction" (it failed on this prompt)
             self.metrics.proxy_fallback()
             predicted = None
         req = Request(request_id=request_id, prompt_ids=self.encode_prompt(inputs.text, inputs.messages),
                       max_tokens=inputs.max_tokens,
-                      sink=sink, ignore_eos=inputs.ignore_eos, sampling=inputs.sampling, stream=inputs.stream,
+                      sink=sink, ignore_eos=inputs.ignore_eos, sampling=inputs.sampling, stop=tuple(inputs.stop),
+                      stream=inputs.stream,
                       predicted_length=predicted, features=inputs.features, priority=inputs.priority,
                       arrival_time=self.clock() if arrival_time is None else arrival_time)
         self.add_request(req, timeout_s)
@@ -189,7 +191,7 @@ class Engine:
         with self._wake:
             new, self._inbox = list(self._inbox), collections.deque()
         for req in new:
-            req.detok = IncrementalDetokenizer(self.tokenizer)
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.stop)
             self.scheduler.add(req)
 
     # ---- one iteration ---------------------------------------------------------------
@@ -251,7 +253,7 @@ class Engine:
             self._fail_generation(req, exc)
             return
         reason = None
-        if token in self.runner.eos_token_ids and not req.ignore_eos:
+        if req.detok.stopped or (token in self.runner.eos_token_ids and not req.ignore_eos):  # a stop string, EOS
             reason = "stop"
         elif len(req.output_ids) >= req.max_tokens:
             reason = "length"

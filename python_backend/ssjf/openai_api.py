@@ -21,6 +21,7 @@ import uuid
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
+from .request import RequestError, check_stops
 from .serving import INPUTS
 
 FIELDS = {i.name for i in INPUTS if i.client}  # what an error's field may name
@@ -94,9 +95,14 @@ def parse_body(body: dict, chat: bool) -> dict:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 4):
-        raise APIError(400, "stop: expected a string or up to 4 non-empty strings", param="stop")
-    out["_stop"] = stop or []
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "stop: expected a string or a list of strings", param="stop")
+    if stop:
+        try:
+            check_stops(stop)
+        except RequestError as exc:
+            raise APIError(400, str(exc), param="stop") from None
+        out["stop"] = stop  # the engine's stop rule ends the text before the first of them
     out["_stream"] = bool(body.get("stream"))
     options = body.get("stream_options") or {}
     out["_usage_in_stream"] = bool(options.get("include_usage")) if isinstance(options, dict) else False
@@ -106,40 +112,19 @@ def parse_body(body: dict, chat: bool) -> dict:
 def triton_inputs(fields: dict):
     import tritonclient.grpc as grpcclient
 
-    def tensor(name, value, dtype, kind):
-        t = grpcclient.InferInput(name, [1, 1], kind)
-        t.set_data_from_numpy(np.array([[value]], dtype=dtype))
+    def tensor(name, values, dtype, kind):
+        t = grpcclient.InferInput(name, [1, len(values)], kind)
+        t.set_data_from_numpy(np.array([values], dtype=dtype))
         return t
 
-    inputs = [tensor("stream", True, bool, "BOOL")]
+    inputs = [tensor("stream", [True], bool, "BOOL")]
     for spec in INPUTS:  # the ensemble's inputs, as serving.INPUTS states them
         if spec.client and spec.name in fields and spec.name != "stream":
-            value = fields[spec.name].encode("utf-8") if spec.kind == "text" else fields[spec.name]
-            inputs.append(tensor(spec.name, value, spec.numpy, spec.wire_type))
+            value = fields[spec.name]
+            values = [s.encode("utf-8") for s in value] if spec.kind == "strings" else \
+                [value.encode("utf-8") if spec.kind == "text" else value]
+            inputs.append(tensor(spec.name, values, spec.numpy, spec.wire_type))
     return inputs
-
-
-class StopScan:
-    """Ends the text at the first stop string; holds back what could be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending, self.hit = stops, "", False
-
-    def feed(self, text: str) -> str:
-        if not self.stops:
-            return text
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.hit = self.pending[:cut], "", True
-            return out
-        keep = max((len(s) - 1 for s in self.stops), default=0)
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:] if keep else ""
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class OpenAIServer:
@@ -235,20 +220,12 @@ class OpenAIServer:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def _collect(self, fields: dict) -> tuple[str, str, dict]:
-        scan, parts = StopScan(fields["_stop"]), []
-        async for piece in self._pieces(fields):
-            parts.append(scan.feed(piece))
-            if scan.hit:
-                break
-        parts.append("" if scan.hit else scan.flush())
-        text = "".join(parts)
+        text = "".join([piece async for piece in self._pieces(fields)])
         tokens = self.count(text=text)
-        return text, self._finish_reason(fields, tokens, scan.hit), self._usage(fields, tokens)
+        return text, self._finish_reason(fields, tokens), self._usage(fields, tokens)
 
     @staticmethod
-    def _finish_reason(fields: dict, tokens: int, stopped: bool) -> str:
-        if stopped:
-            return "stop"
+    def _finish_reason(fields: dict, tokens: int) -> str:
         limit = fields.get("max_tokens")
         return "length" if limit is not None and tokens >= limit else "stop"
 
@@ -275,25 +252,18 @@ class OpenAIServer:
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
-        scan, sent = StopScan(fields["_stop"]), []
+        sent = []
         try:
             if chat:
                 yield chunk(role=True)
             async for piece in self._pieces(fields):
                 if await request.is_disconnected():
                     return  # closing the generator cancels the gRPC stream
-                text = scan.feed(piece)
-                if text:
-                    sent.append(text)
-                    yield chunk(text)
-                if scan.hit:
-                    break
-            rest = "" if scan.hit else scan.flush()
-            if rest:
-                sent.append(rest)
-                yield chunk(rest)
+                if piece:
+                    sent.append(piece)
+                    yield chunk(piece)
             tokens = self.count(text="".join(sent))
-            yield chunk(finish=self._finish_reason(fields, tokens, scan.hit))
+            yield chunk(finish=self._finish_reason(fields, tokens))
             if fields["_usage_in_stream"]:
                 usage = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [],
                          "usage": self._usage(fields, tokens)}

@@ -76,6 +76,19 @@ class Sampling:
             raise RequestError(f"seed: must be in [0, 2**63), got {self.seed}")
 
 
+MAX_STOPS = 4  # stop strings per request (as OpenAI's API)
+MAX_STOP_CHARS = 256  # each; the detokenizer holds back up to this many characters less one
+
+
+def check_stops(stops: list[str]) -> None:
+    """The stop strings' value checks, each error naming the field."""
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"stop: at most {MAX_STOPS} strings, got {len(stops)}")
+    for s in stops:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise RequestError(f"stop: each string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
+
+
 @dataclass
 class LLMInputs:
     """What a client sent, converted from its tensors but not yet validated (Engine.submit does that)."""
@@ -90,6 +103,7 @@ class LLMInputs:
     features: Any = None  # the proxy's features (numpy, float32), for the proxy refresh (learner.py)
     messages: list[dict[str, str]] | None = None  # a conversation (text is then its last user turn)
     priority: int = 0  # the client's class: lower first
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these
 
     def __post_init__(self):
         if not self.text_bytes:
@@ -109,14 +123,13 @@ class Request:
     ignore_eos: bool = False
     sampling: Sampling = field(default_factory=Sampling)
     stream: bool = True
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the first (finish_reason "stop")
     predicted_length: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # clock time by which it must end (set by Engine.check)
     seq: int = field(default_factory=lambda: next(_arrivals))  # arrival order, breaks ties
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    slot: int = -1  # KV-cache row while running
-    num_cached: int = 0  # tokens whose K/V are in the cache
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None

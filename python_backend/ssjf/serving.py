@@ -26,7 +26,7 @@ class Input:
 
     name: str
     triton_type: str
-    kind: str  # text | int | bool | float | features
+    kind: str  # text | strings | int | bool | float | features
     client: bool = True
     dims: int = 1
     sampling: bool = False  # a field of LLMInputs.sampling (request.Sampling), not of LLMInputs
@@ -54,6 +54,7 @@ INPUTS = (
     Input("top_k", "INT32", "int", sampling=True),
     Input("seed", "INT64", "int", sampling=True),
     Input("priority", "INT32", "int"),
+    Input("stop", "STRING", "strings", dims=-1),  # stop strings, one per element
     Input("proxy_features", "FP32", "features", client=False, dims=-1),
 )
 LLM_INPUTS = tuple(i.name for i in INPUTS)
@@ -174,6 +175,9 @@ def parse_llm_inputs(arrays: dict[str, np.ndarray | None]) -> LLMInputs:
             value = _scalar(spec.name, arrays.get(spec.name))
             if value is not None:
                 setattr(parsed.sampling if spec.sampling else parsed, spec.name, CONVERT[spec.kind](spec.name, value))
+    stop = arrays.get("stop")
+    if stop is not None:
+        parsed.stop = [decode_text(s, "stop") for s in np.asarray(stop).reshape(-1)]
     features = arrays.get("proxy_features")
     if features is not None and features.size > 1:  # one column: the proxy had none for this prompt
         parsed.features = np.asarray(features, dtype=np.float32).reshape(-1)

@@ -31,7 +31,7 @@ class TritonPythonModel(_real.TritonPythonModel):
 
         def poisoned_decode(tokens, positions, slots=None):
             rows = set(range(len(tokens)) if slots is None else slots)
-            if any(r.slot in rows and marked(r, "POISON") for r in engine.scheduler.running):
+            if any(engine.runner.slot_of(r) in rows and marked(r, "POISON") for r in engine.scheduler.running):
                 raise RuntimeError("injected fault: poisoned row")
             return decode(tokens, positions, slots)
 

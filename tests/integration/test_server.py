@@ -34,6 +34,19 @@ def test_grpc_stream_through_the_ensemble(server):
     assert 0 < r.ttft_s <= r.jct_s
 
 
+def test_a_stop_string_ends_the_answer_through_the_ensemble_over_grpc_and_http(server):
+    prompt = "What is the capital of France? Answer in one sentence."
+    with SSJFClient(server.grpc_url) as client:
+        full = client.generate(prompt, max_tokens=16, ignore_eos=True)
+        pieces = []
+        cut = client.generate(prompt, max_tokens=16, ignore_eos=True, stop=["Paris", "never"], on_text=pieces.append)
+    assert full.ok and cut.ok, (full.error, cut.error)
+    assert "Paris" in full.text and cut.text == full.text[: full.text.index("Paris")] and "".join(pieces) == cut.text
+    body = {"text_input": prompt, "max_tokens": 16, "ignore_eos": True, "stop": ["Paris"]}
+    with post(f"{server.http_url}/v2/models/ssjf/generate", body) as resp:
+        assert json.loads(resp.read())["text_output"] == cut.text
+
+
 def test_grpc_non_streaming_gets_one_response(server):
     with SSJFClient(server.grpc_url) as client:
         r = client.generate("Name a fruit.", max_tokens=12, ignore_eos=True, stream=False)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 class GraphedDecode:
     """ModelRunner's decode at fixed shapes: one captured graph per batch-size bucket. It reads the
-    runner's cache, tables and layers (`_decode_sdpa`); `decode` replays it for slots 0..B-1."""
+    runner's cache, tables and layer loop (`_forward`, `_attend_span`); `decode` replays it for slots 0..B-1."""
 
     def buckets(self) -> list[int]:
         """The padded batch sizes: powers of two up to the slot count, and the slot count."""
@@ -29,11 +29,10 @@ class GraphedDecode:
         return sizes + [self.num_slots]
 
     def _decode_static(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """decode() for slots 0..B-1 with every shape fixed by B alone (what a graph captures)."""
-        mask = (self.positions <= pos[:, None])[:, None, None, :]  # [B, 1, 1, max_seq_len]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        return self._decode_sdpa(self.embed(tok)[:, None], self.slot_ids[: tok.shape[0]], pos, cos, sin, mask,
-                                 self.max_seq_len)
+        """decode() for slots 0..B-1 with every shape fixed by B alone (what a graph captures):
+        torch's attention over the whole cache, masked past each row's position."""
+        attend = self._attend_span(self.slot_ids[: tok.shape[0]], pos, self.max_seq_len)
+        return self.head(self._forward(self.embed(tok), attend)).float()
 
     def _static(self, size: int):
         """(token buffer, position buffer, run) for one bucket; run() fills the logits buffer. On

@@ -15,6 +15,7 @@ The forward pass drives the Hugging Face modules of a Llama-family model
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,14 @@ from .graphs import GraphedDecode
 from .model import RMS_NORMS, eos_ids, load_model, prefill_groups, prefill_width
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Held:
+    """Where a request's K/V are: its cache row, and how many of its tokens are there."""
+
+    row: int
+    cached: int
 
 
 class ModelRunner(GraphedDecode):
@@ -56,10 +65,11 @@ class ModelRunner(GraphedDecode):
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.max_seq_len = min(config.max_seq_len, getattr(cfg, "max_position_embeddings", config.max_seq_len))
         self.num_slots = config.max_batch_size
-        self.slots: list[Request] = []  # slots[i].slot == i
+        self.slots: list[Request] = []  # the running requests, slots[i] in row i
+        self.held: dict[Request, Held] = {}  # each running request's row and cached length
         preemptive = config.policy in PREEMPTIVE and config.batching == "continuous"
         self.park_slots = list(range(self.num_slots, self.num_slots + (config.park_slots if preemptive else 0)))
-        self.parked: dict[int, int] = {}  # a preempted request's seq -> the park slot holding its cache
+        self.parked: dict[int, Held] = {}  # a preempted request's seq -> the park slot holding its cache
         self._generators: dict[int, torch.Generator] = {}  # a seeded request's seq -> its own random stream
         shape = (len(self.layers), self.num_slots + len(self.park_slots), self.num_kv_heads, self.max_seq_len,
                  self.head_dim)
@@ -131,10 +141,12 @@ class ModelRunner(GraphedDecode):
             fused["down"] = self._linear(mlp.down_proj.weight, mlp.down_proj.bias)
         return fused
 
-    def _mlp(self, i: int, layer, h):
+    def _mlp(self, i: int, layer, h, pointwise: bool = False):
         gate_up = self.fused[i].get("gate_up")
         if gate_up is None:
             return layer.mlp(h)
+        if pointwise:  # SiLU(gate) * up in one pass of the kernel
+            return self.fused[i]["down"](kernels.silu_mul(gate_up(h)))
         gate, up = gate_up(h).chunk(2, dim=-1)
         return self.fused[i]["down"](layer.mlp.act_fn(gate) * up)
 
@@ -148,6 +160,90 @@ class ModelRunner(GraphedDecode):
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k, v
+
+    # ---- the forward pass: one layer loop, the attention chosen once per call -------------
+    def _forward(self, x, attend, pointwise: bool = False) -> torch.Tensor:
+        """The layers over hidden states x ([n, width, H] in prefill, [B, H] in decode):
+        norm -> attend (projections, rotary, cache write, attention) -> o-proj -> add -> norm -> MLP
+        -> add. attend(i, self_attn, h) is the call's attention variant. With pointwise (the CPU
+        kernels, Llama's norms) each add is fused into the norm after it. Returns the final norm's
+        output for every position."""
+        out = torch.empty_like(x) if pointwise else None  # the kernel's normed rows, reused
+        h = self._add_norm(x, None, self.layers[0].input_layernorm, out)
+        for i, layer in enumerate(self.layers):
+            h = self._add_norm(x, self.fused[i]["o"](attend(i, layer.self_attn, h)), layer.post_attention_layernorm, out)
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h = self._add_norm(x, self._mlp(i, layer, h, pointwise), after, out)
+        return h
+
+    @staticmethod
+    def _add_norm(x, delta, norm, out):
+        """x += delta (in place), then norm(x): by the kernel into `out` where there is one."""
+        if out is not None:
+            return kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon, out)
+        if delta is not None:
+            x.add_(delta)
+        return norm(x)
+
+    def _attend_causal(self, rows, width: int):
+        """Prefill's attention: every position of each prompt written to its slot, causal SDPA."""
+        cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]
+
+        def attend(i, attn, h):
+            n = h.shape[0]
+            q, k, v = self._qkv(i, attn, h, n, width)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i, rows, :, :width] = k
+            self.v_cache[i, rows, :, :width] = v
+            # Right padding: with a causal mask, a real query only sees real keys.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+            return out.transpose(1, 2).reshape(n, width, -1)
+
+        return attend
+
+    def _attend_span(self, rows, pos, span: int, compact: bool = True):
+        """Decode's attention in torch, over each row's first `span` cached positions, masked past
+        its own: the eager step (span = the batch's live span) and the graph-captured one (span =
+        the whole cache, so that no shape depends on the step). Compact rows (0..B-1) read the
+        cache through a view; others gather theirs."""
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+        mask = (self.positions[:span][None] <= pos[:, None])[:, None, None, :]
+
+        def attend(i, attn, h):
+            b = h.shape[0]
+            q, k, v = self._qkv(i, attn, h, b, 1)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.k_cache[i][rows, :, pos] = k[:, :, 0]
+            self.v_cache[i][rows, :, pos] = v[:, :, 0]
+            if compact:
+                keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
+            else:
+                keys, values = self.k_cache[i, rows, :, :span], self.v_cache[i, rows, :, :span]
+            # One query per sequence: fold the query heads of a KV group into the "length" axis.
+            out = F.scaled_dot_product_attention(
+                q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
+            )
+            return out.reshape(b, -1)
+
+        return attend
+
+    def _attend_kernel(self, rows, pos):
+        """Decode's attention in the CPU kernel (kernels.decode_attention): rotary, cache write and
+        attention over each row's span in one call per layer."""
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+
+        def attend(i, attn, h):
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary, here in torch
+                b = h.shape[0]
+                q, k, v = self._qkv(i, attn, h, b, 1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                qkv, rope = torch.cat([t.reshape(b, -1) for t in (q, k, v)], dim=-1), None
+            else:
+                qkv, rope = self.fused[i]["qkv"](h), self.rope
+            return kernels.decode_attention(qkv, self.num_heads, self.k_cache[i], self.v_cache[i], rows, pos,
+                                            self.scaling, rope)
+
+        return attend
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
@@ -170,134 +266,73 @@ class ModelRunner(GraphedDecode):
         ids = torch.zeros(n, width, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]
-        rows = torch.tensor(slots, device=self.device)
-        x = self.embed(ids)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(i, attn, layer.input_layernorm(x), n, width)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.k_cache[i, rows, :, :width] = k
-            self.v_cache[i, rows, :, :width] = v
-            # Right padding: with a causal mask, a real query only sees real keys.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
-            x = x + self.fused[i]["o"](out.transpose(1, 2).reshape(n, width, -1))
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-        last = x[torch.arange(n, device=self.device), lens - 1]
-        return self.head(self.norm(last)).float()
+        h = self._forward(self.embed(ids), self._attend_causal(torch.tensor(slots, device=self.device), width))
+        return self.head(h[torch.arange(n, device=self.device), lens - 1]).float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
         """One token for each request in `slots` (default 0..B-1) at its position; returns logits [B, vocab].
         The engine keeps running requests in slots 0..B-1, so attention reads the cache through a
-        view; other slot lists (a failed batch retried one request at a time) gather their rows."""
+        view; other slot lists (a failed batch retried one request at a time) gather their rows.
+        The attention is chosen here, once: the captured graph (cuda_graphs), the CPU kernel
+        (decode_kernels; with Llama's norms the pointwise kernels too), or torch's."""
         b = len(tokens)
         compact = slots is None or list(slots) == list(range(b))
         if compact and self.static_decode:
             return self._replay(tokens, positions)
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         rows = torch.arange(b, device=self.device) if compact else torch.tensor(slots, device=self.device)
-        x = self.embed(tok)[:, None]
-        if self.fast_attention:  # kernels.decode_attention: rotary, cache write, attention over each row's span
-            return self._decode_fast(x, b, rows, pos, cos, sin)
-        span = int(max(positions)) + 1  # attention over the live span only
-        mask = (torch.arange(span, device=self.device)[None] <= pos[:, None])[:, None, None, :]
-        return self._decode_sdpa(x, rows, pos, cos, sin, mask, span, compact)
+        if self.fast_attention:
+            attend, pointwise = self._attend_kernel(rows, pos), self.fast_pointwise
+        else:
+            attend, pointwise = self._attend_span(rows, pos, int(max(positions)) + 1, compact), False
+        return self.head(self._forward(self.embed(tok), attend, pointwise)).float()
 
-    def _decode_sdpa(self, x, rows, pos, cos, sin, mask, span: int, compact: bool = True) -> torch.Tensor:
-        """The decode layers with torch's attention over each row's first `span` cached positions:
-        the eager step (span = the batch's live span) and the graph-captured one (span = the whole
-        cache, masked, so that no shape depends on the step). Compact rows (0..B-1) read the cache
-        through a view; others gather theirs."""
-        b = x.shape[0]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(i, attn, layer.input_layernorm(x), b, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            self.k_cache[i][rows, :, pos] = k[:, :, 0]
-            self.v_cache[i][rows, :, pos] = v[:, :, 0]
-            if compact:
-                keys, values = self.k_cache[i, :b, :, :span], self.v_cache[i, :b, :, :span]
-            else:
-                keys, values = self.k_cache[i, rows, :, :span], self.v_cache[i, rows, :, :span]
-            # One query per sequence: fold the query heads of a KV group into the "length" axis.
-            out = F.scaled_dot_product_attention(
-                q.view(b, self.num_kv_heads, self.group, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
-            )
-            x = x + self.fused[i]["o"](out.reshape(b, 1, -1))
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-        return self.head(self.norm(x[:, 0])).float()
+    # ---- the runner interface (runners.base.Runner) --------------------------------------
+    def slot_of(self, req: Request) -> int:
+        """req's KV-cache row while it runs; -1 when it holds none."""
+        held = self.held.get(req)
+        return -1 if held is None else held.row
 
-    def _decode_fast(self, x, b: int, rows, pos, cos, sin) -> torch.Tensor:
-        """decode() on the CPU kernels: the attention kernel in each layer, and with fast_pointwise
-        each residual add fused into the norm after it and SiLU(gate) * up in one pass."""
-        fused_norms = self.fast_pointwise
-        if fused_norms:
-            x = x[:, 0].contiguous()
-            h = torch.empty_like(x)
-            kernels.add_rmsnorm(x, None, self.layers[0].input_layernorm.weight, self.layers[0].input_layernorm.variance_epsilon, h)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            if not fused_norms:
-                h = layer.input_layernorm(x)
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary, here in torch
-                q, k, v = self._qkv(i, attn, h.view(b, 1, -1), b, 1)
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-                qkv, rope = torch.cat([t.reshape(b, -1) for t in (q, k, v)], dim=-1), None
-            else:
-                qkv, rope = self.fused[i]["qkv"](h), self.rope
-            out = kernels.decode_attention(qkv, self.num_heads, self.k_cache[i], self.v_cache[i], rows, pos,
-                                           self.scaling, rope)
-            if not fused_norms:
-                x = x + self.fused[i]["o"](out.view(b, 1, -1))
-                x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-                continue
-            post = layer.post_attention_layernorm
-            kernels.add_rmsnorm(x, self.fused[i]["o"](out), post.weight, post.variance_epsilon, h)
-            down = self.fused[i]["down"](kernels.silu_mul(self.fused[i]["gate_up"](h)))
-            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            kernels.add_rmsnorm(x, down, norm.weight, norm.variance_epsilon, h)
-        return self.head(h if fused_norms else self.norm(x[:, 0])).float()
-
-    # ---- the runner interface (runner.Runner) --------------------------------------------
     def admit(self, reqs: list[Request]) -> StepOutput:
         """Give each request the next free slot and prefill it: its first token. One whose cache was
         parked at its preemption gets it back instead (no prefill; its next token comes from step)."""
         self.threads.bind("torch runner")
+        if len(self.slots) + len(reqs) > self.num_slots:
+            raise RuntimeError(f"no free KV-cache slot ({len(self.slots)} of {self.num_slots} in use)")
         for req in reqs:
-            if len(self.slots) >= self.num_slots:
-                raise RuntimeError(f"no free KV-cache slot ({self.num_slots} in use)")
-            req.slot = len(self.slots)
+            parked = self.parked.pop(req.seq, None)
+            self.held[req] = Held(len(self.slots), 0 if parked is None else parked.cached)
             self.slots.append(req)
-        resumed = [r for r in reqs if r.seq in self.parked]
-        for req in resumed:
-            self.move_slot(self.parked.pop(req.seq), req.slot, req.num_cached)
-        fresh = [r for r in reqs if r not in resumed]
-        out = self._run(fresh, lambda rs: self.prefill([r.slot for r in rs], [r.context_ids for r in rs])) \
+            if parked is not None:
+                self.move_slot(parked.row, self.held[req].row, parked.cached)
+        resumed = [r for r in reqs if self.held[r].cached]
+        fresh = [r for r in reqs if not self.held[r].cached]
+        out = self._run(fresh, lambda rs: self.prefill([self.held[r].row for r in rs], [r.context_ids for r in rs])) \
             if fresh else StepOutput()
         for req, _ in out.tokens:
-            req.num_cached = req.prompt_len + len(req.output_ids)  # the new token is appended after this
+            self.held[req].cached = req.context_len  # the new token is appended after this
         out.resumed = resumed
         return out
 
     def step(self, reqs: list[Request]) -> StepOutput:
         """Decode one token for each request, in slot order (the cache is then read through a view)."""
         self.threads.bind("torch runner")
-        reqs = sorted(reqs, key=lambda r: r.slot)
-        out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs], [r.num_cached for r in rs],
-                                                      [r.slot for r in rs]))
+        reqs = sorted(reqs, key=self.slot_of)
+        out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs],
+                                                      [self.held[r].cached for r in rs], [self.held[r].row for r in rs]))
         for req, _ in out.tokens:
-            req.num_cached += 1
+            self.held[req].cached += 1
         return out
 
     def preempt(self, req: Request) -> None:
         """Copy req's cache to a free park slot (if one is) and give its batch slot back."""
-        free = [s for s in self.park_slots if s not in self.parked.values()]
-        if free and 0 <= req.slot < len(self.slots) and self.slots[req.slot] is req:
-            self.move_slot(req.slot, free[0], req.num_cached)
-            self.parked[req.seq] = free[0]
+        free = [s for s in self.park_slots if s not in {p.row for p in self.parked.values()}]
+        held = self.held.get(req)
+        if free and held is not None and held.cached:
+            self.move_slot(held.row, free[0], held.cached)
+            self.parked[req.seq] = Held(free[0], held.cached)
         self._vacate(req)
 
     def release(self, req: Request) -> None:
@@ -307,14 +342,14 @@ class ModelRunner(GraphedDecode):
 
     def _vacate(self, req: Request) -> None:
         """Free req's batch slot; the last request moves into the hole, so slots stay 0..B-1."""
-        if req.slot < 0 or req.slot >= len(self.slots) or self.slots[req.slot] is not req:
+        held = self.held.pop(req, None)
+        if held is None:
             return
-        hole, req.slot = req.slot, -1
         last = self.slots.pop()
         if last is not req:
-            self.slots[hole] = last
-            last.slot = hole
-            self.move_slot(len(self.slots), hole, last.num_cached)
+            self.slots[held.row] = last
+            self.held[last].row = held.row
+            self.move_slot(len(self.slots), held.row, self.held[last].cached)
 
     def _run(self, reqs: list[Request], forward) -> StepOutput:
         """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
