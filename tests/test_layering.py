@@ -149,3 +149,30 @@ def test_only_the_config_module_reads_the_environment():
                     and isinstance(node.ctx, ast.Load):
                 readers.append(path.name)
     assert set(readers) <= {"config.py"}, readers
+
+
+def test_no_function_in_the_product_is_over_60_lines():
+    long = []
+    for path in product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_no_block_of_six_lines_is_repeated_in_the_product():
+    """Six or more lines of code (stripped, blank and comment lines left out) that occur twice,
+    in one file or two, Python and C alike: say it once."""
+    trivial = {"", "}", ")", "]", "{", "else:", "try:", "return", "return out", "@property", "@staticmethod"}
+    seen: dict[tuple, str] = {}
+    repeated = []
+    for path in sorted(p for p in (ROOT / "python_backend").rglob("*") if p.suffix in (".py", ".c", ".h")):
+        lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+        code = [(n, s) for n, s in lines if s not in trivial and not s.startswith(("#", "//", "*", "/*", '"""'))]
+        for i in range(len(code) - 5):
+            block = tuple(s for _, s in code[i : i + 6])
+            where = f"{path.relative_to(ROOT)}:{code[i][0]}"
+            if block in seen:
+                repeated.append(f"{where} repeats {seen[block]}")
+            seen.setdefault(block, where)
+    assert not repeated, repeated

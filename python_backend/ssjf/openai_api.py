@@ -55,29 +55,7 @@ def parse_body(body: dict, chat: bool) -> dict:
         value = body.get(name)
         if not (value is None or value is False or (name == "n" and value == 1 and value is not True)):
             raise APIError(400, f"{name}: not supported by this server", param=name)
-    out: dict = {}
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages: expected a non-empty list", param="messages")
-        turns = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-                content = "".join(p.get("text", "") for p in content)
-            if not isinstance(m, dict) or not isinstance(content, str):
-                raise APIError(400, f"messages[{i}]: expected an object with role and string content", param="messages")
-            turns.append({"role": m.get("role"), "content": content})
-        out["messages"] = json.dumps(turns)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "prompt: expected one string", param="prompt")
-        out["text_input"] = prompt
+    out: dict = {"messages": _messages(body.get("messages"))} if chat else {"text_input": _prompt(body.get("prompt"))}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
@@ -92,21 +70,52 @@ def parse_body(body: dict, chat: bool) -> dict:
             out[name] = value
     if body.get("ignore_eos") is not None:
         out["ignore_eos"] = bool(body["ignore_eos"])
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "stop: expected a string or a list of strings", param="stop")
+    stop = _stops(body.get("stop"))
     if stop:
-        try:
-            check_stops(stop)
-        except RequestError as exc:
-            raise APIError(400, str(exc), param="stop") from None
         out["stop"] = stop  # the engine's stop rule ends the text before the first of them
     out["_stream"] = bool(body.get("stream"))
     options = body.get("stream_options") or {}
     out["_usage_in_stream"] = bool(options.get("include_usage")) if isinstance(options, dict) else False
     return out
+
+
+def _messages(messages) -> str:
+    """A chat's messages as the ensemble's `messages` input (JSON); content parts must be text."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages: expected a non-empty list", param="messages")
+    turns = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(m, dict) or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}]: expected an object with role and string content", param="messages")
+        turns.append({"role": m.get("role"), "content": content})
+    return json.dumps(turns)
+
+
+def _prompt(prompt) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt: expected one string", param="prompt")
+    return prompt
+
+
+def _stops(stop) -> list[str]:
+    """`stop`: a string or a list of them, checked as the engine checks them (request.check_stops)."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is None:
+        return []
+    if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
+        raise APIError(400, "stop: expected a string or a list of strings", param="stop")
+    try:
+        check_stops(stops)
+    except RequestError as exc:
+        raise APIError(400, str(exc), param="stop") from None
+    return stops
 
 
 def triton_inputs(fields: dict):

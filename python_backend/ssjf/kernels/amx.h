@@ -1,7 +1,7 @@
 #pragma once
-/* bf16 matrix products on Intel AMX, for the decode step's few rows. oneDNN's packed matmul spent
- * 22 us on a 16 x 576 x 576 product that takes 11 here, the rest being per-call work; the step
- * makes 121 of them. The weight is packed once (pack_amx) into groups of four 16-column blocks;
+/* bf16 matrix products on Intel AMX, for the decode step's few rows, where oneDNN's packed matmul
+ * spends most of its time on per-call work (measured: docs/benchmarks.md, "AMX matrix products").
+ * The weight is packed once (pack_amx) into groups of four 16-column blocks;
  * within a group, for each 32-wide slice of K, each block's 32 x 16 tile in the VNNI pair layout
  * AMX reads (1 KiB), so that a group streams from memory in order. Up to 16 rows: one A tile feeds
  * four products (64 columns); 32 rows and more: two A and two B tiles feed four (32 x 32).
