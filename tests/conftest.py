@@ -11,13 +11,17 @@ class ListSink:
 
     def __init__(self):
         self.parts: list[str] = []
+        self.tokens: list[int] = []  # the output tokens each send covered
+        self.reason: str | None = None  # the final send's finish reason
         self.finals = 0
         self.errors: list[str] = []
         self.cancelled = False
 
-    def send(self, text: str, final: bool) -> None:
+    def send(self, text: str, final: bool, tokens: int = 0, reason: str | None = None) -> None:
         assert self.finals == 0, "a send after the final response"
         self.parts.append(text)
+        self.tokens.append(tokens)
+        self.reason = reason
         self.finals += final
 
     def error(self, message: str) -> None:

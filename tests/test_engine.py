@@ -196,6 +196,9 @@ def test_a_stop_string_ends_the_text_before_it_and_the_stream_never_shows_it(bac
     assert stops.finish_reason == "stop" and stops.text == text[:cut]
     assert "".join(stops.sink.parts) == text[:cut] and stops.sink.finals == 1
     assert len(stops.output_ids) < len(probe.output_ids)  # it stopped generating there, too
+    # every send carries the output tokens it covers, the final one the reason
+    assert sum(stops.sink.tokens) == len(stops.output_ids) and stops.sink.reason == "stop"
+    assert sum(probe.sink.tokens) == 24 and probe.sink.reason == "length"
 
 
 def test_cancelled_request_frees_its_slot_within_one_step(backend):
@@ -281,7 +284,7 @@ def test_a_full_waiting_queue_rejects_new_requests(backend):
 class GoneSink(ListSink):
     """A client that disconnected: every send raises, and it reports cancellation."""
 
-    def send(self, text, final):
+    def send(self, text, final, tokens=0, reason=None):
         raise RuntimeError("stream closed")
 
     def error(self, message):

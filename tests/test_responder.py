@@ -11,7 +11,7 @@ class Recorder:
         self.events, self.fail_after, self.cancelled, self.checks = [], fail_after, cancelled, 0
         self.threads = set()
 
-    def send(self, text, final):
+    def send(self, text, final, tokens=0, reason=None):
         self.threads.add(threading.get_ident())
         if self.fail_after is not None and len(self.events) >= self.fail_after:
             raise RuntimeError("client gone")

@@ -169,7 +169,7 @@ def test_the_input_table_matches_both_configs_the_ensemble_maps_and_the_client()
     from pathlib import Path
 
     from ssjf.config import ServerConfig
-    from ssjf.serving import INPUTS
+    from ssjf.serving import INPUTS, OUTPUTS
     from ssjf_client.client import build_inputs
 
     repo = Path(ServerConfig().model_repository)
@@ -184,8 +184,13 @@ def test_the_input_table_matches_both_configs_the_ensemble_maps_and_the_client()
     ensemble = (repo / "ssjf" / "config.pbtxt").read_text()
     llm_step = ensemble[ensemble.index('model_name: "llm"'):]
     assert set(re.findall(r'input_map \{ key: "(\w+)"', llm_step)) == {i.name for i in INPUTS}
+    for model in ("llm", "ssjf"):  # the outputs: both models alike, every one mapped out of the llm step
+        text = (repo / model / "config.pbtxt").read_text()
+        block = text[text.index("output ["):text.index("]\n", text.index("output ["))]
+        assert re.findall(r'name: "(\w+)", data_type: TYPE_(\w+)', block) == list(OUTPUTS)
+    assert re.findall(r'output_map \{ key: "(\w+)"', llm_step) == [name for name, _ in OUTPUTS]
     sent = build_inputs("hi", max_tokens=4, ignore_eos=True, temperature=0.5, priority=1, top_p=0.9, top_k=5, seed=7,
-                        stop=["\n", "END"])
+                        stop=["\n", "END"], return_finish_reason=True, return_num_output_tokens=True)
     sent += [t for t in build_inputs(None, messages=[{"role": "user", "content": "hi"}]) if t.name() == "messages"]
     triton = {"STRING": "BYTES"}
     assert {t.name(): t.datatype() for t in sent} == {i.name: triton.get(i.triton_type, i.triton_type)

@@ -24,6 +24,8 @@ class GenerateResult:
     jct_s: float | None = None
     chunks: int = 0
     error: str | None = None
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    output_tokens: int = 0  # tokens generated, as the server counted them
 
     @property
     def ok(self) -> bool:
@@ -41,6 +43,8 @@ FIELDS = {
     "seed": (np.int64, "INT64"),  # sampling: the same seed gives the same tokens
     "priority": (np.int32, "INT32"),  # a class: lower is served first; the length key orders within it
     "stop": (np.object_, "BYTES"),  # up to 4 strings: the text ends before the first of them
+    "return_finish_reason": (bool, "BOOL"),  # responses carry finish_reason (as Triton's vllm_backend)
+    "return_num_output_tokens": (bool, "BOOL"),  # responses carry num_output_tokens: the tokens each covers
 }
 
 
@@ -117,6 +121,7 @@ class SSJFClient:
         `deadline_s` is sent to the server, which ends the request with a "deadline exceeded"
         error once it has run that long (ensemble included)."""
         result = GenerateResult()
+        fields = {"return_finish_reason": True, "return_num_output_tokens": True, **fields}
         start = time.perf_counter()
         self.client.async_stream_infer(
             self.model, build_inputs(prompt, max_tokens, ignore_eos, stream, temperature, messages=messages, **fields),
@@ -146,6 +151,10 @@ class SSJFClient:
                 predicted = response.as_numpy("predicted_length")
                 if predicted is not None:
                     result.predicted_length = int(predicted.reshape(-1)[0])
+            reason, tokens = response.as_numpy("finish_reason"), response.as_numpy("num_output_tokens")
+            if reason is not None and reason.reshape(-1)[0]:
+                result.finish_reason = reason.reshape(-1)[0].decode()
+            result.output_tokens += 0 if tokens is None else int(tokens.reshape(-1)[0])
             final = response.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 result.jct_s = at - start

@@ -268,7 +268,7 @@ class Engine:
         req.text += delta
         try:
             if req.stream and delta:
-                req.sink.send(delta, final=False)
+                req.sink.send(delta, final=False, tokens=self._unsent(req))
         except Exception as exc:  # the client went away: free the slot, still try the final flag
             log.info("request %s: send failed (%s); ending it", req.request_id, exc)
             self._finish(req, RequestStatus.ABORTED, f"send failed: {exc}")
@@ -303,9 +303,16 @@ class Engine:
             if error is not None:
                 req.sink.error(error)
             else:
-                req.sink.send(last_delta if req.stream else req.text, final=True)
+                req.sink.send(last_delta if req.stream else req.text, final=True, tokens=self._unsent(req),
+                              reason=req.finish_reason)
         except Exception:
             log.warning("request %s: the final response could not be sent", req.request_id, exc_info=True)
+
+    @staticmethod
+    def _unsent(req: Request) -> int:
+        """Output tokens since the last response (held-back text is sent with a later token's)."""
+        n, req.sent_tokens = len(req.output_ids) - req.sent_tokens, len(req.output_ids)
+        return n
 
     def _retire(self, req: Request) -> None:
         self.scheduler.retire(req)

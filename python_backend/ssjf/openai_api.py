@@ -196,13 +196,15 @@ class OpenAIServer:
 
     # ---- one request: a gRPC stream to the ensemble -------------------------------------------
     async def _pieces(self, fields: dict):
-        """Yield the ensemble's text pieces; raises APIError for an error response."""
+        """Yield the ensemble's responses as (text, output tokens it covers, finish reason: on the
+        final one); raises APIError for an error response."""
         import tritonclient.grpc.aio as aio
         from tritonclient.utils import InferenceServerException
 
         if self._client is None:
             self._client = aio.InferenceServerClient(self.grpc_url)
-        request = {"model_name": "ssjf", "inputs": triton_inputs(fields), "request_id": uuid.uuid4().hex,
+        inputs = triton_inputs({**fields, "return_finish_reason": True, "return_num_output_tokens": True})
+        request = {"model_name": "ssjf", "inputs": inputs, "request_id": uuid.uuid4().hex,
                    "enable_empty_final_response": True, "timeout": int(self.request_timeout_s * 1e6)}
 
         async def one():
@@ -213,9 +215,11 @@ class OpenAIServer:
             async for result, error in stream:
                 if error is not None:
                     raise from_triton(error.message() if isinstance(error, InferenceServerException) else str(error))
-                piece = result.as_numpy("text_output")
-                if piece is not None and piece.size:
-                    yield piece.reshape(-1)[0].decode("utf-8")
+                piece, tokens = result.as_numpy("text_output"), result.as_numpy("num_output_tokens")
+                reason = result.as_numpy("finish_reason")
+                yield (piece.reshape(-1)[0].decode("utf-8") if piece is not None and piece.size else "",
+                       0 if tokens is None else int(tokens.reshape(-1)[0]),
+                       (reason.reshape(-1)[0].decode() or None) if reason is not None else None)
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return
@@ -229,14 +233,11 @@ class OpenAIServer:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def _collect(self, fields: dict) -> tuple[str, str, dict]:
-        text = "".join([piece async for piece in self._pieces(fields)])
-        tokens = self.count(text=text)
-        return text, self._finish_reason(fields, tokens), self._usage(fields, tokens)
-
-    @staticmethod
-    def _finish_reason(fields: dict, tokens: int) -> str:
-        limit = fields.get("max_tokens")
-        return "length" if limit is not None and tokens >= limit else "stop"
+        parts, tokens, finish = [], 0, None
+        async for text, n, reason in self._pieces(fields):
+            parts.append(text)
+            tokens, finish = tokens + n, reason or finish
+        return "".join(parts), finish or "stop", self._usage(fields, tokens)
 
     def _final(self, fields, chat, text, finish, usage) -> dict:
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -261,18 +262,17 @@ class OpenAIServer:
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
-        sent = []
+        tokens, finish = 0, None
         try:
             if chat:
                 yield chunk(role=True)
-            async for piece in self._pieces(fields):
+            async for piece, n, reason in self._pieces(fields):
                 if await request.is_disconnected():
                     return  # closing the generator cancels the gRPC stream
+                tokens, finish = tokens + n, reason or finish
                 if piece:
-                    sent.append(piece)
                     yield chunk(piece)
-            tokens = self.count(text="".join(sent))
-            yield chunk(finish=self._finish_reason(fields, tokens))
+            yield chunk(finish=finish or "stop")
             if fields["_usage_in_stream"]:
                 usage = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [],
                          "usage": self._usage(fields, tokens)}

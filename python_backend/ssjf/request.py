@@ -31,9 +31,11 @@ class RequestStatus(enum.Enum):
 
 
 class Sink(Protocol):
-    """Where a request's output goes (a Triton response sender, or a list in tests)."""
+    """Where a request's output goes (a Triton response sender, or a list in tests). Each send
+    carries the output tokens its text covers since the last send, and the final one the finish
+    reason ("stop", "length" or "context")."""
 
-    def send(self, text: str, final: bool) -> None: ...
+    def send(self, text: str, final: bool, tokens: int = 0, reason: str | None = None) -> None: ...
 
     def error(self, message: str) -> None: ...
 
@@ -43,7 +45,7 @@ class Sink(Protocol):
 class NullSink:
     """A sink that keeps nothing (benchmarks, profiling, the simulator): the Request holds the tokens."""
 
-    def send(self, text: str, final: bool) -> None: ...
+    def send(self, text: str, final: bool, tokens: int = 0, reason: str | None = None) -> None: ...
 
     def error(self, message: str) -> None: ...
 
@@ -104,6 +106,8 @@ class LLMInputs:
     messages: list[dict[str, str]] | None = None  # a conversation (text is then its last user turn)
     priority: int = 0  # the client's class: lower first
     stop: list[str] = field(default_factory=list)  # the text ends before the first of these
+    return_finish_reason: bool = False  # each response carries `finish_reason` (as Triton's vllm_backend)
+    return_num_output_tokens: bool = False  # each response carries `num_output_tokens`: the tokens it covers
 
     def __post_init__(self):
         if not self.text_bytes:
@@ -134,6 +138,7 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     text: str = ""  # detokenized output so far
+    sent_tokens: int = 0  # output tokens the responses so far covered
     detok: Any = field(default=None, repr=False)  # the engine's IncrementalDetokenizer while it runs
     features: Any = field(default=None, repr=False)  # the proxy's features, when the ensemble sent them
     priority: int = 0  # the client's class: lower is served first; the length key orders within a class

@@ -34,8 +34,8 @@ class QueuedSink:
         self._checked = 0.0  # when a fresh cancellation check was last asked for
         self._checking = False
 
-    def send(self, text: str, final: bool) -> None:
-        self._responder.put(self._send, text, final)
+    def send(self, text: str, final: bool, tokens: int = 0, reason: str | None = None) -> None:
+        self._responder.put(self._send, text, final, tokens, reason)
 
     def error(self, message: str) -> None:
         self._responder.put(self._error, message)
@@ -48,9 +48,9 @@ class QueuedSink:
         return self._cancelled
 
     # ---- on the responder's thread -------------------------------------------------------
-    def _send(self, text: str, final: bool) -> None:
+    def _send(self, text: str, final: bool, tokens: int, reason: str | None) -> None:
         try:
-            self.inner.send(text, final)
+            self.inner.send(text, final, tokens, reason)
         except Exception as exc:  # the client is gone: the engine ends the request at its next check
             log.info("send failed (%s); the request will be dropped", exc)
             self._cancelled = True

@@ -55,9 +55,14 @@ INPUTS = (
     Input("seed", "INT64", "int", sampling=True),
     Input("priority", "INT32", "int"),
     Input("stop", "STRING", "strings", dims=-1),  # stop strings, one per element
+    Input("return_finish_reason", "BOOL", "bool"),  # the outputs vllm_backend adds when asked
+    Input("return_num_output_tokens", "BOOL", "bool"),
     Input("proxy_features", "FP32", "features", client=False, dims=-1),
 )
 LLM_INPUTS = tuple(i.name for i in INPUTS)
+# the outputs, both models alike: the text, the proxy's prediction, and what return_* asks for
+OUTPUTS = (("text_output", "STRING"), ("predicted_length", "INT32"), ("finish_reason", "STRING"),
+           ("num_output_tokens", "UINT32"))
 INTERNAL = tuple(i.name for i in INPUTS if not i.client)  # what the ensemble's proxy step adds
 ROLES = ("system", "user", "assistant")
 

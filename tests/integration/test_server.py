@@ -42,6 +42,9 @@ def test_a_stop_string_ends_the_answer_through_the_ensemble_over_grpc_and_http(s
         cut = client.generate(prompt, max_tokens=16, ignore_eos=True, stop=["Paris", "never"], on_text=pieces.append)
     assert full.ok and cut.ok, (full.error, cut.error)
     assert "Paris" in full.text and cut.text == full.text[: full.text.index("Paris")] and "".join(pieces) == cut.text
+    # the outputs vllm_backend adds on request: why it ended, and the tokens the responses covered
+    assert (full.finish_reason, full.output_tokens, cut.finish_reason) == ("length", 16, "stop")
+    assert 1 <= cut.output_tokens < 16
     body = {"text_input": prompt, "max_tokens": 16, "ignore_eos": True, "stop": ["Paris"]}
     with post(f"{server.http_url}/v2/models/ssjf/generate", body) as resp:
         assert json.loads(resp.read())["text_output"] == cut.text

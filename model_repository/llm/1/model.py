@@ -24,16 +24,23 @@ class TritonSink:
     lets go of Triton's objects: a finished Request that lingers (the rank window, a cycle) must not
     free a Triton request after the stub has torn down its shared memory (a crash at unload)."""
 
-    def __init__(self, request, predicted_length: int):
+    def __init__(self, request, inputs=None):
         self.request = request
         self.sender = request.get_response_sender()
-        self.predicted = np.array([[predicted_length]], dtype=np.int32)
+        self.predicted = np.array([[(inputs and inputs.predicted_length) or 0]], dtype=np.int32)
+        self.reasons = inputs is not None and inputs.return_finish_reason
+        self.counts = inputs is not None and inputs.return_num_output_tokens
 
-    def send(self, text: str, final: bool) -> None:
+    def send(self, text: str, final: bool, tokens: int = 0, reason: str | None = None) -> None:
         out = [
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
             pb_utils.Tensor("predicted_length", self.predicted),
         ]
+        if self.reasons:  # vLLM's words: a context that filled up ends at "length" too
+            word = "length" if reason == "context" else (reason or "")
+            out.append(pb_utils.Tensor("finish_reason", np.array([[word.encode()]], dtype=np.object_)))
+        if self.counts:
+            out.append(pb_utils.Tensor("num_output_tokens", np.array([[tokens]], dtype=np.uint32)))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         try:
             self.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
@@ -83,7 +90,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     arrays[name] = None if tensor is None else tensor.as_numpy()
                 inputs = parse_llm_inputs(arrays)
-                sink = TritonSink(request, inputs.predicted_length or 0)
+                sink = TritonSink(request, inputs)
                 check_parameters(request.parameters())
                 self.engine.submit(inputs, self.responder.wrap(sink), request_id=request.request_id() or "",
                                    arrival_time=arrived, timeout_s=request.timeout() / 1e6)  # µs; 0: none
@@ -99,7 +106,7 @@ class TritonPythonModel:
     @staticmethod
     def _refuse(request, sink, message: str) -> None:
         try:
-            (sink or TritonSink(request, 0)).error(message)
+            (sink or TritonSink(request)).error(message)
         except Exception:  # its sender is already used (an error after the first send): nothing left to tell
             logging.getLogger("ssjf").warning("request %s: the error could not be sent", request.request_id())
 
