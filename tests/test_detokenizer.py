@@ -59,3 +59,10 @@ def test_what_was_held_back_for_a_stop_string_that_never_came_is_released_at_the
     pieces = stream(tokenizer, tokenizer.encode(text, add_special_tokens=False), ("END",))
     assert "".join(pieces) == text and pieces[-1].endswith("EN")
     assert "".join(stream(tokenizer, tokenizer.encode("我说 END 了", add_special_tokens=False), ("END",))) == "我说 "
+
+
+def test_a_stop_string_that_the_last_flush_completes_still_keeps_the_text_before_it(tokenizer):
+    d = IncrementalDetokenizer(tokenizer, ("END",))
+    assert d._scan("ab") == ""  # held: it could begin "END"
+    d.ids = tokenizer.encode("cEND tail", add_special_tokens=False)  # tokens not yet released (a partial character)
+    assert d.flush() == "abc" and d.stopped

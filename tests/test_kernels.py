@@ -208,3 +208,28 @@ def test_the_runner_gives_the_same_tokens_with_and_without_the_kernel(tiny_model
         engine.run_until_idle()
         tokens[on] = [r.output_ids for r in reqs]
     assert tokens[True] == tokens[False]
+
+
+def test_a_qwen3_model_gives_the_same_tokens_with_and_without_the_kernel(tokenizer):
+    """Qwen3 normalises q and k per head before the rotary: with the kernel, the projections and the
+    rotary run in torch and the kernel only attends."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, max_position_embeddings=512, initializer_range=0.3,
+                                         tie_word_embeddings=False)).eval()
+    tokens = {}
+    for on in (True, False):
+        config = EngineConfig(dtype="float32", max_seq_len=128, max_batch_size=4, decode_kernels=on)
+        runner = ModelRunner(config, model=model, tokenizer=tokenizer)
+        assert runner.fast_attention is on
+        engine = Engine(config, runner=runner)
+        reqs = [Request(f"r{i}", tokenizer(p)["input_ids"], max_tokens=10, sink=NullSink(), ignore_eos=True)
+                for i, p in enumerate(["hello there", "the sea and the sky", "x"])]
+        for r in reqs:
+            engine.add_request(r)
+        engine.run_until_idle()
+        tokens[on] = [r.output_ids for r in reqs]
+    assert tokens[True] == tokens[False]

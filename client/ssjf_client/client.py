@@ -32,9 +32,12 @@ class GenerateResult:
         return self.error is None
 
 
-# The ensemble's optional inputs and their tensor types, besides the prompt (the server states
-# them in ssjf.serving.INPUTS; tests/test_serving.py checks that the two agree).
+# The ensemble's inputs and their tensor types (the server states them in ssjf.serving.INPUTS;
+# tests/test_serving.py checks that the two agree). A string is sent UTF-8; a list, one per element.
 FIELDS = {
+    "text_input": (np.object_, "BYTES"),
+    "messages": (np.object_, "BYTES"),  # JSON, instead of text_input
+    "stream": (bool, "BOOL"),
     "max_tokens": (np.int32, "INT32"),
     "ignore_eos": (bool, "BOOL"),
     "temperature": (np.float32, "FP32"),  # 0: greedy
@@ -54,27 +57,19 @@ def build_inputs(prompt: str | None, max_tokens: int | None = None, ignore_eos: 
     """The ensemble's input tensors (batch dimension 1): a prompt, or a conversation (`messages`:
     [{"role": "system" | "user" | "assistant", "content": ...}], the last turn the user's), and
     any of FIELDS given as keywords (None: the server's default)."""
-    def tensor(name, values, dtype, triton_type):
-        t = module.InferInput(name, [1, len(values)], triton_type)
-        t.set_data_from_numpy(np.array([values], dtype=dtype))
-        return t
-
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise TypeError(f"build_inputs: unknown input(s) {', '.join(sorted(unknown))}; the inputs are {', '.join(FIELDS)}")
-    fields.update(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature)
-    inputs = [tensor("stream", [stream], bool, "BOOL")]
-    if prompt is not None:
-        inputs.append(tensor("text_input", [prompt.encode("utf-8")], np.object_, "BYTES"))
-    if messages is not None:
-        inputs.append(tensor("messages", [json.dumps(messages).encode("utf-8")], np.object_, "BYTES"))
+    fields.update(text_input=prompt, messages=None if messages is None else json.dumps(messages), stream=stream,
+                  max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature)
+    inputs = []
     for name, (dtype, triton_type) in FIELDS.items():
-        value = fields.get(name)
-        if name == "stop" and value:  # one string or a list of them, one per element
-            inputs.append(tensor(name, [s.encode("utf-8") for s in ([value] if isinstance(value, str) else value)],
-                                 dtype, triton_type))
-        elif name != "stop" and value is not None:
-            inputs.append(tensor(name, [value], dtype, triton_type))
+        values = fields.get(name)
+        values = [] if values is None else values if isinstance(values, (list, tuple)) else [values]
+        if values:
+            t = module.InferInput(name, [1, len(values)], triton_type)
+            t.set_data_from_numpy(np.array([[v.encode("utf-8") if isinstance(v, str) else v for v in values]], dtype=dtype))
+            inputs.append(t)
     return inputs
 
 

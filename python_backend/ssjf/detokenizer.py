@@ -21,21 +21,23 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # tokens before this have been released as text
         self.stops = tuple(stops)
+        self.keep = max(map(len, self.stops), default=1) - 1  # characters that could begin a stop string
         self.held = ""  # decoded text that may be the start of a stop string
         self.stopped = False  # a stop string was found: the text ended before it
 
     def _scan(self, text: str) -> str:
         """What of text may be released: all of it without stop strings; else up to the first stop
         string (then `stopped`), keeping back a tail that could begin one."""
-        if not self.stops or self.stopped:
-            return "" if self.stopped else text
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
         self.held += text
         cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             out, self.held, self.stopped = self.held[:cut], "", True
             return out
-        keep = max(len(s) for s in self.stops) - 1
-        out = self.held[: max(0, len(self.held) - keep)]
+        out = self.held[: max(0, len(self.held) - self.keep)]
         self.held = self.held[len(out):]
         return out
 
@@ -58,6 +60,6 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        out = self._scan(text[len(prefix) :])
-        out, self.held = ("", "") if self.stopped else (out + self.held, "")
+        out = self._scan(text[len(prefix) :])  # a stop string may still turn up here
+        out, self.held = out + self.held, ""
         return out

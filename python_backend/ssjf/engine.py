@@ -263,7 +263,8 @@ class Engine:
             self._finish(req, RequestStatus.FAILED, self._deadline_message(req, now))
             return
         if reason:
-            self._end(req, reason, delta + req.detok.flush())
+            delta += req.detok.flush()
+            self._end(req, "stop" if req.detok.stopped else reason, delta)  # flush may complete a stop string
             return
         req.text += delta
         try:

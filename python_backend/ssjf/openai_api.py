@@ -119,20 +119,20 @@ def _stops(stop) -> list[str]:
 
 
 def triton_inputs(fields: dict):
+    """The ensemble's input tensors for parse_body's fields, as serving.INPUTS types them: streamed,
+    each response with its finish reason and token count."""
     import tritonclient.grpc as grpcclient
 
-    def tensor(name, values, dtype, kind):
-        t = grpcclient.InferInput(name, [1, len(values)], kind)
-        t.set_data_from_numpy(np.array([values], dtype=dtype))
-        return t
-
-    inputs = [tensor("stream", [True], bool, "BOOL")]
-    for spec in INPUTS:  # the ensemble's inputs, as serving.INPUTS states them
-        if spec.client and spec.name in fields and spec.name != "stream":
+    fields = {**fields, "stream": True, "return_finish_reason": True, "return_num_output_tokens": True}
+    inputs = []
+    for spec in INPUTS:
+        if spec.client and spec.name in fields:
             value = fields[spec.name]
-            values = [s.encode("utf-8") for s in value] if spec.kind == "strings" else \
-                [value.encode("utf-8") if spec.kind == "text" else value]
-            inputs.append(tensor(spec.name, values, spec.numpy, spec.wire_type))
+            values = value if spec.kind == "strings" else [value]
+            t = grpcclient.InferInput(spec.name, [1, len(values)], spec.wire_type)
+            t.set_data_from_numpy(np.array([[v.encode("utf-8") if isinstance(v, str) else v for v in values]],
+                                           dtype=spec.numpy))
+            inputs.append(t)
     return inputs
 
 
@@ -203,8 +203,7 @@ class OpenAIServer:
 
         if self._client is None:
             self._client = aio.InferenceServerClient(self.grpc_url)
-        inputs = triton_inputs({**fields, "return_finish_reason": True, "return_num_output_tokens": True})
-        request = {"model_name": "ssjf", "inputs": inputs, "request_id": uuid.uuid4().hex,
+        request = {"model_name": "ssjf", "inputs": triton_inputs(fields), "request_id": uuid.uuid4().hex,
                    "enable_empty_final_response": True, "timeout": int(self.request_timeout_s * 1e6)}
 
         async def one():

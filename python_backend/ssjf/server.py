@@ -97,6 +97,11 @@ def command(config: ServerConfig) -> list[str]:
     ]
 
 
+def reachable(host: str) -> str:
+    """Where to call a port bound on `host`: loopback for one bound on every address."""
+    return "127.0.0.1" if host == "0.0.0.0" else host
+
+
 def is_ready(http_url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=timeout) as r:
@@ -114,21 +119,17 @@ class TritonServer:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    @staticmethod
-    def _reachable(host: str) -> str:
-        return "127.0.0.1" if host == "0.0.0.0" else host  # bound on every address: call it on loopback
-
     @property
     def http_url(self) -> str:
-        return f"http://{self._reachable(self.config.http_host or self.config.host)}:{self.config.http_port}"
+        return f"http://{reachable(self.config.http_host or self.config.host)}:{self.config.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._reachable(self.config.host)}:{self.config.metrics_port}"
+        return f"http://{reachable(self.config.host)}:{self.config.metrics_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self._reachable(self.config.host)}:{self.config.grpc_port}"
+        return f"{reachable(self.config.host)}:{self.config.grpc_port}"
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -302,9 +303,9 @@ class Supervisor:
 
         engine = EngineConfig.from_strings({}, self.env)
         tokenizer = AutoTokenizer.from_pretrained(resolve_llm(engine.model))
-        host = "127.0.0.1" if self.config.host == "0.0.0.0" else self.config.host
         cpus = service_cpus() if engine.device == "cpu" else None  # off the engine's cores, as Triton's own threads
-        api = OpenAIServer(self.config.host, self.config.openai_port, f"{host}:{self.config.grpc_port}",
+        grpc_url = f"{reachable(self.config.host)}:{self.config.grpc_port}"
+        api = OpenAIServer(self.config.host, self.config.openai_port, grpc_url,
                            engine.model, tokenizer, engine.request_timeout_s, cpus).start()
         self.log(f"OpenAI API on {self.config.host}:{self.config.openai_port} (model {engine.model!r})")
         return api

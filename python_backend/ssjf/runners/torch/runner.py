@@ -15,7 +15,6 @@ The forward pass drives the Hugging Face modules of a Llama-family model
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +29,6 @@ from .graphs import GraphedDecode
 from .model import RMS_NORMS, eos_ids, load_model, prefill_groups, prefill_width
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Held:
-    """Where a request's K/V are: its cache row, and how many of its tokens are there."""
-
-    row: int
-    cached: int
 
 
 class ModelRunner(GraphedDecode):
@@ -65,11 +56,11 @@ class ModelRunner(GraphedDecode):
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.max_seq_len = min(config.max_seq_len, getattr(cfg, "max_position_embeddings", config.max_seq_len))
         self.num_slots = config.max_batch_size
-        self.slots: list[Request] = []  # the running requests, slots[i] in row i
-        self.held: dict[Request, Held] = {}  # each running request's row and cached length
+        self.slots: list[Request] = []  # the running requests: slots[i]'s cache is row i
+        self.cached: dict[Request, int] = {}  # a running request's tokens whose K/V are in its row
         preemptive = config.policy in PREEMPTIVE and config.batching == "continuous"
         self.park_slots = list(range(self.num_slots, self.num_slots + (config.park_slots if preemptive else 0)))
-        self.parked: dict[int, Held] = {}  # a preempted request's seq -> the park slot holding its cache
+        self.parked: dict[int, tuple[int, int]] = {}  # a preempted request's seq -> (park slot, cached tokens)
         self._generators: dict[int, torch.Generator] = {}  # a seeded request's seq -> its own random stream
         shape = (len(self.layers), self.num_slots + len(self.park_slots), self.num_kv_heads, self.max_seq_len,
                  self.head_dim)
@@ -150,7 +141,8 @@ class ModelRunner(GraphedDecode):
         gate, up = gate_up(h).chunk(2, dim=-1)
         return self.fused[i]["down"](layer.mlp.act_fn(gate) * up)
 
-    def _qkv(self, i: int, attn, h, batch: int, seq: int):
+    def _qkv(self, i: int, attn, h, batch: int, seq: int, cos, sin):
+        """q, k, v as [batch, heads, seq, head_dim], q and k rotated by (cos, sin)."""
         qkv = self.fused[i]["qkv"](h)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -159,7 +151,7 @@ class ModelRunner(GraphedDecode):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return q, k, v
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
     # ---- the forward pass: one layer loop, the attention chosen once per call -------------
     def _forward(self, x, attend, pointwise: bool = False) -> torch.Tensor:
@@ -191,8 +183,7 @@ class ModelRunner(GraphedDecode):
 
         def attend(i, attn, h):
             n = h.shape[0]
-            q, k, v = self._qkv(i, attn, h, n, width)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k, v = self._qkv(i, attn, h, n, width, cos, sin)
             self.k_cache[i, rows, :, :width] = k
             self.v_cache[i, rows, :, :width] = v
             # Right padding: with a causal mask, a real query only sees real keys.
@@ -211,8 +202,7 @@ class ModelRunner(GraphedDecode):
 
         def attend(i, attn, h):
             b = h.shape[0]
-            q, k, v = self._qkv(i, attn, h, b, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k, v = self._qkv(i, attn, h, b, 1, cos, sin)
             self.k_cache[i][rows, :, pos] = k[:, :, 0]
             self.v_cache[i][rows, :, pos] = v[:, :, 0]
             if compact:
@@ -229,14 +219,15 @@ class ModelRunner(GraphedDecode):
 
     def _attend_kernel(self, rows, pos):
         """Decode's attention in the CPU kernel (kernels.decode_attention): rotary, cache write and
-        attention over each row's span in one call per layer."""
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+        attention over each row's span in one call per layer. Qwen3's per-head norms come before the
+        rotary, so there the projections and the rotary run in torch and the kernel only attends."""
+        qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        cos, sin = (self.cos[pos][:, None, None], self.sin[pos][:, None, None]) if qk_norm else (None, None)
 
         def attend(i, attn, h):
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary, here in torch
+            if qk_norm:
                 b = h.shape[0]
-                q, k, v = self._qkv(i, attn, h, b, 1)
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                q, k, v = self._qkv(i, attn, h, b, 1, cos, sin)
                 qkv, rope = torch.cat([t.reshape(b, -1) for t in (q, k, v)], dim=-1), None
             else:
                 qkv, rope = self.fused[i]["qkv"](h), self.rope
@@ -292,8 +283,10 @@ class ModelRunner(GraphedDecode):
     # ---- the runner interface (runners.base.Runner) --------------------------------------
     def slot_of(self, req: Request) -> int:
         """req's KV-cache row while it runs; -1 when it holds none."""
-        held = self.held.get(req)
-        return -1 if held is None else held.row
+        return self._rows().get(req, -1)
+
+    def _rows(self) -> dict[Request, int]:
+        return {r: row for row, r in enumerate(self.slots)}
 
     def admit(self, reqs: list[Request]) -> StepOutput:
         """Give each request the next free slot and prefill it: its first token. One whose cache was
@@ -301,38 +294,41 @@ class ModelRunner(GraphedDecode):
         self.threads.bind("torch runner")
         if len(self.slots) + len(reqs) > self.num_slots:
             raise RuntimeError(f"no free KV-cache slot ({len(self.slots)} of {self.num_slots} in use)")
+        fresh = []
         for req in reqs:
             parked = self.parked.pop(req.seq, None)
-            self.held[req] = Held(len(self.slots), 0 if parked is None else parked.cached)
+            if parked is None:
+                fresh.append(req)
+            else:
+                self.move_slot(parked[0], len(self.slots), parked[1])
+                self.cached[req] = parked[1]
             self.slots.append(req)
-            if parked is not None:
-                self.move_slot(parked.row, self.held[req].row, parked.cached)
-        resumed = [r for r in reqs if self.held[r].cached]
-        fresh = [r for r in reqs if not self.held[r].cached]
-        out = self._run(fresh, lambda rs: self.prefill([self.held[r].row for r in rs], [r.context_ids for r in rs])) \
+        row = self._rows()
+        out = self._run(fresh, lambda rs: self.prefill([row[r] for r in rs], [r.context_ids for r in rs])) \
             if fresh else StepOutput()
         for req, _ in out.tokens:
-            self.held[req].cached = req.context_len  # the new token is appended after this
-        out.resumed = resumed
+            self.cached[req] = req.context_len  # the new token is appended after this
+        out.resumed = [r for r in reqs if r not in fresh]
         return out
 
     def step(self, reqs: list[Request]) -> StepOutput:
         """Decode one token for each request, in slot order (the cache is then read through a view)."""
         self.threads.bind("torch runner")
-        reqs = sorted(reqs, key=self.slot_of)
-        out = self._run(reqs, lambda rs: self.decode([r.output_ids[-1] for r in rs],
-                                                      [self.held[r].cached for r in rs], [self.held[r].row for r in rs]))
+        row = self._rows()
+        out = self._run(sorted(reqs, key=row.__getitem__),
+                        lambda rs: self.decode([r.output_ids[-1] for r in rs], [self.cached[r] for r in rs],
+                                               [row[r] for r in rs]))
         for req, _ in out.tokens:
-            self.held[req].cached += 1
+            self.cached[req] += 1
         return out
 
     def preempt(self, req: Request) -> None:
         """Copy req's cache to a free park slot (if one is) and give its batch slot back."""
-        free = [s for s in self.park_slots if s not in {p.row for p in self.parked.values()}]
-        held = self.held.get(req)
-        if free and held is not None and held.cached:
-            self.move_slot(held.row, free[0], held.cached)
-            self.parked[req.seq] = Held(free[0], held.cached)
+        taken = {row for row, _ in self.parked.values()}
+        free = [s for s in self.park_slots if s not in taken]
+        if free and req in self.cached:
+            self.move_slot(self.slot_of(req), free[0], self.cached[req])
+            self.parked[req.seq] = (free[0], self.cached[req])
         self._vacate(req)
 
     def release(self, req: Request) -> None:
@@ -342,14 +338,14 @@ class ModelRunner(GraphedDecode):
 
     def _vacate(self, req: Request) -> None:
         """Free req's batch slot; the last request moves into the hole, so slots stay 0..B-1."""
-        held = self.held.pop(req, None)
-        if held is None:
+        hole = self.slot_of(req)
+        if hole < 0:
             return
+        self.cached.pop(req, None)
         last = self.slots.pop()
         if last is not req:
-            self.slots[held.row] = last
-            self.held[last].row = held.row
-            self.move_slot(len(self.slots), held.row, self.held[last].cached)
+            self.slots[hole] = last
+            self.move_slot(len(self.slots), hole, self.cached.get(last, 0))
 
     def _run(self, reqs: list[Request], forward) -> StepOutput:
         """forward(reqs) -> logits, then sample. If the batch fails, each request is retried alone:
